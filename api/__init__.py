@@ -1,0 +1,115 @@
+"""The Flask API: an app factory, one blueprint per resource."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Flask, g, request
+
+from spool import settings as settings_mod
+from spool.settings import Settings
+
+log = logging.getLogger("spool.api")
+
+JSON_TYPES = {"application/json"}
+NDJSON_PATHS = ("/v1/batches",)
+
+
+def create_app(settings: Settings | None = None, check_schema: bool = True) -> Flask:
+    from api import errors
+    from api.extensions import api, jwt, limiter
+
+    s = settings or settings_mod.get()
+    app = Flask("spool")
+    app.config.update(
+        SPOOL=s,
+        JWT_SECRET_KEY=s.secret_key,
+        JWT_ALGORITHM="HS256",
+        JWT_DECODE_ALGORITHMS=["HS256"],  # never `none`, never a key confusion
+        JWT_TOKEN_LOCATION=["headers"],
+        MAX_CONTENT_LENGTH=s.max_body_bytes,
+        RATELIMIT_STORAGE_URI=s.redis_url or "memory://",
+        RATELIMIT_STORAGE_OPTIONS={"socket_connect_timeout": 2, "socket_timeout": 2},
+        RATELIMIT_HEADERS_ENABLED=True,
+        RATELIMIT_SWALLOW_ERRORS=True,  # Redis down must not stop intake (PostgreSQL records it)
+        API_TITLE="Spool",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
+        API_SPEC_OPTIONS={
+            "components": {
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                "bearerFormat": "JWT"}}
+            },
+            "security": [{"bearer": []}],
+        },
+    )
+    if check_schema:
+        from spool import db
+
+        db.require_head()
+
+    jwt.init_app(app)
+    limiter.init_app(app)
+    api.init_app(app)
+    errors.install(app)
+
+    from api import auth, jobs, ops, results
+
+    for bp in (auth.blp, jobs.blp, results.blp, ops.blp):
+        api.register_blueprint(bp)
+    _register_optional(api)
+    _public_paths(api)
+
+    @app.before_request
+    def _request_id_and_content_type():
+        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        if request.method in ("POST", "PUT", "PATCH") and _has_body():
+            allowed = set(JSON_TYPES)
+            if request.path.startswith(NDJSON_PATHS):
+                allowed.add("application/x-ndjson")
+            if request.mimetype not in allowed:
+                return errors.respond(
+                    415, f"Content-Type must be {' or '.join(sorted(allowed))}",
+                    details={"Content-Type": [request.mimetype or "missing"]},
+                )
+        return None
+
+    @app.after_request
+    def _add_request_id(resp):
+        resp.headers["X-Request-ID"] = g.get("request_id", "")
+        return resp
+
+    return app
+
+
+def _has_body() -> bool:
+    return bool(request.content_length) or request.headers.get("Transfer-Encoding") == "chunked"
+
+
+def _register_optional(api) -> None:
+    """Blueprints of features that may not be present in every build."""
+    import importlib
+
+    for name in ("api.files", "api.batches", "api.webhooks"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        api.register_blueprint(mod.blp)
+
+
+def _public_paths(api) -> None:
+    """Mark the endpoints that need no token in the OpenAPI document."""
+    spec = api.spec.to_dict()
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/auth/token"):
+        for op in spec.get("paths", {}).get(path, {}).values():
+            if isinstance(op, dict):
+                op["security"] = []
+    api.spec._paths.update(spec.get("paths", {}))

@@ -1,0 +1,176 @@
+"""/v1/jobs: submit, read, list, cancel, retry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, request
+from flask.views import MethodView
+from flask_jwt_extended import jwt_required
+from sqlalchemy import select
+
+from api import errors, idempotency, serialize, waiting
+from api.auth import principal
+from api.extensions import limiter
+from api.parsing import Blueprint
+from api.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema
+from spool import db, dispatch, jobs
+from spool.models import Job
+
+blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Jobs")
+
+
+def submit_limit() -> str:
+    return current_app.config["SPOOL"].rate_limit_submit
+
+
+def read_limit() -> str:
+    return current_app.config["SPOOL"].rate_limit_read
+
+
+submit_limited = limiter.shared_limit(submit_limit, scope="submit")
+read_limited = limiter.shared_limit(read_limit, scope="read")
+
+
+def prefer_wait() -> float:
+    """`Prefer: wait=N` (RFC 7240), capped at 60 s."""
+    for part in request.headers.get("Prefer", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                return max(0.0, min(60.0, float(value)))
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+def load_visible(job_id: str) -> Job:
+    p = principal()
+    with db.session() as s:
+        job = jobs.visible(s, job_id, p.user_id, p.is_admin)
+    if job is None:
+        raise errors.not_found("job")
+    return job
+
+
+def job_response(job_id: str) -> dict[str, Any]:
+    p = principal()
+    with db.session() as s:
+        job = jobs.visible(s, job_id, p.user_id, p.is_admin)
+        if job is None:
+            raise errors.not_found("job")
+        return serialize.job(job, jobs.queue_position(s, job))
+
+
+def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Record the job (idempotently), send its message, optionally wait for it."""
+    p = principal()
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        existing = idempotency.claim(
+            p.user_id, key, idempotency.request_hash(request.path, request.get_data()), "job"
+        )
+        if existing:
+            return job_response(existing), 202, {"Location": f"/v1/jobs/{existing}"}
+    try:
+        cap = current_app.config["SPOOL"].max_queued_per_user
+        with db.transaction() as s:
+            if jobs.queued_count(s, p.user_id) >= cap:
+                raise errors.ApiError(429, f"you have {cap} queued jobs, the most allowed; "
+                                      "wait for some to finish", "too_many_queued",
+                                      headers={"Retry-After": "10"})
+            row = jobs.new_row(p.user_id, req)
+            jobs.insert_rows(s, [row])
+            if key is not None:
+                idempotency.complete(s, p.user_id, key, row["id"])
+    except Exception:
+        if key is not None:
+            idempotency.release(p.user_id, key)
+        raise
+    dispatch.send(jobs.messages([row]))
+    wait_s = prefer_wait()
+    status = 202
+    if wait_s and waiting.wait_terminal(row["id"], wait_s):
+        status = 200
+    return job_response(row["id"]), status, {"Location": f"/v1/jobs/{row['id']}"}
+
+
+@blp.route("")
+class Jobs(MethodView):
+    decorators = [jwt_required()]
+
+    @submit_limited
+    @blp.arguments(JobCreateSchema)
+    @blp.response(202, JobSchema)
+    @blp.alt_response(200, schema=JobSchema, description="finished within `Prefer: wait=N`")
+    def post(self, req: dict[str, Any]):
+        """Submit a job."""
+        return create(req)
+
+    @read_limited
+    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.response(200, JobPageSchema)
+    def get(self, q: dict[str, Any]):
+        """List your jobs, newest first."""
+        p = principal()
+        stmt = select(Job).order_by(Job.seq.desc()).limit(q["limit"] + 1)
+        if not (q["all"] and p.is_admin):
+            stmt = stmt.where(Job.user_id == p.user_id)
+        for f in ("status", "kind", "model", "batch_id"):
+            if q.get(f):
+                stmt = stmt.where(getattr(Job, f) == q[f])
+        if q.get("cursor"):
+            try:
+                stmt = stmt.where(Job.seq < int(q["cursor"]))
+            except ValueError as exc:
+                raise errors.ApiError(422, "invalid cursor", details={"cursor": ["invalid"]}) from exc
+        with db.session() as s:
+            rows = list(s.scalars(stmt))
+            more = len(rows) > q["limit"]
+            rows = rows[: q["limit"]]
+            data = [serialize.job(j, jobs.queue_position(s, j)) for j in rows]
+        return {"data": data, "next_cursor": str(rows[-1].seq) if more else None}
+
+
+@blp.route("/<job_id>")
+class JobById(MethodView):
+    decorators = [jwt_required()]
+
+    @read_limited
+    @blp.response(200, JobSchema)
+    def get(self, job_id: str):
+        """Get a job."""
+        return job_response(job_id)
+
+
+@blp.route("/<job_id>/cancel", methods=["POST"])
+@jwt_required()
+@submit_limited
+@blp.response(202, JobSchema)
+def cancel(job_id: str):
+    """Cancel a job: queued → canceled at once, running → canceling → canceled."""
+    p = principal()
+    with db.transaction() as s:
+        job = jobs.visible(s, job_id, p.user_id, p.is_admin)
+        if job is None:
+            raise errors.not_found("job")
+        try:
+            job = jobs.cancel(s, job)
+        except jobs.Conflict as exc:
+            raise errors.ApiError(409, str(exc), "job_finished") from exc
+    jobs.announce_cancel(job)
+    return job_response(job_id)
+
+
+@blp.route("/<job_id>/retry", methods=["POST"])
+@jwt_required()
+@submit_limited
+@blp.response(202, JobSchema)
+def retry(job_id: str):
+    """Submit a failed, canceled or expired job again as a new job."""
+    job = load_visible(job_id)
+    try:
+        req = jobs.retry_request(job)
+    except jobs.Conflict as exc:
+        raise errors.ApiError(409, str(exc), "not_retryable") from exc
+    return create(req)

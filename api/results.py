@@ -1,0 +1,132 @@
+"""Results and live events: GET /result/<id>, /v1/jobs/<id>/result, /v1/jobs/<id>/events."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from flask import Response, stream_with_context
+from flask_jwt_extended import jwt_required
+
+from api import errors, serialize, waiting
+from api.jobs import blp as jobs_blp
+from api.jobs import load_visible, read_limited
+from api.parsing import Blueprint
+from api.schemas import ResultSchema, WaitQuerySchema
+from spool import db, events, jobs
+from spool.models import Job
+from spool.states import Status, is_terminal
+
+blp = Blueprint("results", __name__, description="Results")
+
+KEEPALIVE_S = 15.0
+
+
+def result_response(job_id: str, wait_s: float):
+    job = load_visible(job_id)
+    if wait_s and not is_terminal(job.status):
+        waiting.wait_terminal(job_id, wait_s)
+        job = load_visible(job_id)
+    if job.status == Status.SUCCEEDED:
+        return {"id": job.id, "status": job.status, "output": job.output}, 200
+    if is_terminal(job.status):
+        return {"id": job.id, "status": job.status, "error": job.error}, 409
+    retry_after = "1" if job.status != Status.QUEUED else "2"
+    return ({"id": job.id, "status": job.status, "progress": serialize.progress(job.progress)},
+            202, {"Retry-After": retry_after})
+
+
+@blp.route("/result/<job_id>")
+@jwt_required()
+@read_limited
+@blp.arguments(WaitQuerySchema, location="query")
+@blp.response(200, ResultSchema)
+@blp.alt_response(202, schema=ResultSchema, description="queued or running")
+@blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")
+def result(q: dict[str, Any], job_id: str):
+    """The job's result: 202 while it runs, 200 when done, 409 when it failed. `?wait=N` long-polls."""
+    return result_response(job_id, q["wait"])
+
+
+@jobs_blp.route("/<job_id>/result")
+@jwt_required()
+@read_limited
+@jobs_blp.arguments(WaitQuerySchema, location="query")
+@jobs_blp.response(200, ResultSchema)
+@jobs_blp.alt_response(202, schema=ResultSchema, description="queued or running")
+@jobs_blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")
+def job_result(q: dict[str, Any], job_id: str):
+    """The job's result (same as /result/<id>)."""
+    return result_response(job_id, q["wait"])
+
+
+def _sse(event_id: str, type_: str, data: Any) -> str:
+    return f"id: {event_id}\nevent: {type_}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _current(job_id: str) -> dict[str, Any]:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return serialize.job(job, jobs.queue_position(s, job))
+
+
+def _stream(job_id: str, last_event_id: str | None) -> Iterator[str]:
+    try:
+        head = events.last_id(job_id)
+    except redis.RedisError:
+        head = None
+    if last_event_id:
+        after = last_event_id
+        backlog = events.history(job_id, after) if head else []
+    else:
+        # A late client first gets the current state, then what comes next.
+        state = _current(job_id)
+        yield _sse(head or "0-0", "status", state)
+        if is_terminal(state["status"]):
+            yield _sse(head or "0-0", "done", {"status": state["status"]})
+            return
+        after, backlog = head or "0-0", []
+    while True:
+        for ev in backlog:
+            yield _sse(ev.id, ev.type, ev.data)
+            after = ev.id
+            if ev.type == "done":
+                return
+        try:
+            if head is None:
+                time.sleep(1.0)  # Redis down: degrade to a slow re-check of PostgreSQL
+                backlog = []
+            else:
+                backlog = events.wait(job_id, after, KEEPALIVE_S)
+        except redis.RedisError:
+            backlog, head = [], None
+        if not backlog:
+            state = _current(job_id)  # events may be gone (Redis flushed): trust PostgreSQL
+            if is_terminal(state["status"]):
+                yield _sse(after, "status", state)
+                yield _sse(after, "done", {"status": state["status"]})
+                return
+            yield ": keep-alive\n\n"
+
+
+@jobs_blp.route("/<job_id>/events")
+@jwt_required()
+@read_limited
+@jobs_blp.response(200, description="text/event-stream: status, progress, token, done")
+def job_events(job_id: str):
+    """Stream the job's events (SSE); resumes after `Last-Event-ID`."""
+    from flask import request
+
+    load_visible(job_id)
+    last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
+    resp = Response(stream_with_context(_stream(job_id, last)), mimetype="text/event-stream")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return resp
+
+
+__all__ = ["blp", "errors"]

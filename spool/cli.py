@@ -1,0 +1,241 @@
+"""The `spool` command: run the platform (up, api, worker, beat), migrate, manage users."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from spool import settings
+
+
+@click.group()
+def cli() -> None:
+    """Spool: a queue-driven platform for GPU inference jobs."""
+
+
+# --- database and users ----------------------------------------------------------------
+
+@cli.group()
+def db() -> None:
+    """Database schema (Alembic)."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the code's head revision."""
+    from spool import db as dbm
+
+    dbm.upgrade()
+    click.echo(f"database at {dbm.head_revision()}")
+
+
+@cli.group()
+def users() -> None:
+    """Users and API keys."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="may see every user's jobs")
+def users_create(name: str, admin: bool) -> None:
+    """Create a user; prints the new API key (shown once) as the last line."""
+    from spool import db as dbm
+    from spool import users as um
+
+    try:
+        with dbm.transaction() as s:
+            user, key = um.create_user(s, name, admin)
+    except um.UserExists as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"created user {name} ({user.id}){' with admin rights' if admin else ''}")
+    click.echo(key)
+
+
+@users.command("revoke")
+@click.argument("name")
+def users_revoke(name: str) -> None:
+    """Revoke every API key of a user (their tokens stop working at once)."""
+    from spool import db as dbm
+    from spool import users as um
+
+    try:
+        with dbm.transaction() as s:
+            n = um.revoke(s, name)
+    except um.UserNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"revoked {n} key(s) of {name}")
+
+
+@users.command("delete")
+@click.argument("name")
+def users_delete(name: str) -> None:
+    """Delete a user (their tokens stop working; their jobs stay for the record)."""
+    from spool import db as dbm
+    from spool import users as um
+
+    try:
+        with dbm.transaction() as s:
+            um.delete(s, name)
+    except um.UserNotFound as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"deleted {name}")
+
+
+@users.command("key")
+@click.argument("name")
+def users_key(name: str) -> None:
+    """Issue an additional API key for a user (printed once, last line)."""
+    from sqlalchemy import select
+
+    from spool import db as dbm
+    from spool import users as um
+    from spool.models import User
+
+    with dbm.transaction() as s:
+        user = s.scalar(select(User).where(User.name == name, User.deleted_at.is_(None)))
+        if user is None:
+            raise click.ClickException(f"no user {name!r}")
+        key = um.add_key(s, user)
+    click.echo(key)
+
+
+# --- models ------------------------------------------------------------------------------
+
+@cli.group()
+def models() -> None:
+    """The model registry and the tiny test models."""
+
+
+@models.command("init-tiny")
+@click.option("--force", is_flag=True, help="rebuild even if present")
+def models_init_tiny(force: bool) -> None:
+    """Build tiny random-weight models (real diffusers/transformers classes) under var/models."""
+    from spool.tiny_models import init_tiny
+
+    for name, path in init_tiny(settings.get().var_dir, force=force).items():
+        click.echo(f"{name}: {path}")
+
+
+@models.command("list")
+def models_list() -> None:
+    """Print the registry."""
+    from spool import registry
+
+    for spec in registry.models().values():
+        click.echo(f"{spec.name:<16} {spec.kind:<16} {spec.queue:<28} {spec.source}")
+
+
+# --- processes ---------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--port", type=int, default=None, help="default SPOOL_PORT or 8000")
+@click.option("--host", default=None, help="default SPOOL_HOST or 127.0.0.1")
+@click.option("--workers", "n_workers", type=int, default=None, help="gunicorn processes")
+def api(port: int | None, host: str | None, n_workers: int | None) -> None:
+    """Serve the HTTP API with gunicorn (gevent workers)."""
+    s = settings.get()
+    from spool import db as dbm
+
+    dbm.require_head()
+    args = [
+        sys.executable, "-m", "gunicorn", "-c", str(Path(__file__).parent.parent / "api" / "gunicorn_conf.py"),
+        "--bind", f"{host or s.host}:{port or s.port}",
+        "--workers", str(n_workers or s.api_workers),
+        "api.wsgi:app",
+    ]
+    os.execv(sys.executable, args)
+
+
+@cli.command()
+@click.option("--models", "model_names", default=None,
+              help="comma-separated models to serve (default: every model in the registry)")
+@click.option("--queues", default=None,
+              help="extra queues, e.g. spool.cpu (webhooks, sweeper); default: spool.cpu "
+                   "when --models is not given")
+@click.option("--concurrency", type=int, default=None, help="jobs in flight per process")
+@click.option("--pool", default="threads", type=click.Choice(["threads", "prefork", "solo"]),
+              help="threads: one process per GPU keeps one warm copy of each model")
+def worker(model_names: str | None, queues: str | None, concurrency: int | None, pool: str) -> None:
+    """Run a Celery worker for some models' queues."""
+    from spool import registry
+    from spool.logs import configure
+
+    configure("worker")
+    names = [m for m in (model_names or "").split(",") if m] or list(registry.models())
+    unknown = [m for m in names if registry.get(m) is None]
+    if unknown:
+        raise click.ClickException(f"unknown model(s): {', '.join(unknown)}")
+    extra = queues.split(",") if queues else ([] if model_names else ["spool.cpu"])
+    os.environ["SPOOL_WORKER_MODELS"] = ",".join(names)
+    qs = [registry.queue_name(m) for m in names] + [q for q in extra if q]
+    from spool import db as dbm
+
+    dbm.require_head()
+    from workers.app import app
+
+    conc = concurrency or settings.get().worker_concurrency
+    app.worker_main([
+        "worker", "-Q", ",".join(qs), "-c", str(conc), "-P", pool,
+        "-n", f"spool-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+        "-l", settings.get().log_level,
+    ])
+
+
+@cli.command()
+def beat() -> None:
+    """Run Celery beat (exactly one per deployment): schedules the sweeper."""
+    from spool.logs import configure
+
+    configure("beat")
+    from workers.app import app
+
+    var = settings.get().var_dir
+    var.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "-s", str(var / "celerybeat-schedule"), "-l", settings.get().log_level])
+
+
+@cli.command("worker-check")
+def worker_check() -> None:
+    """Liveness probe for a worker container: exit 0 if a worker on this host beat recently."""
+    import socket
+
+    from spool import redisconn
+
+    pattern = f"spool:worker-alive:{socket.gethostname()}:*"
+    found = next(iter(redisconn.client().scan_iter(match=pattern, count=1000)), None)
+    if found is None:
+        raise click.ClickException("no live worker on this host")
+    click.echo(f"alive: {found.split(':', 2)[2]}")
+
+
+@cli.command()
+@click.option("--port", type=int, default=None, help="API port (default SPOOL_PORT or 8000)")
+@click.option("--no-tiny", is_flag=True, help="do not build the tiny models")
+def up(port: int | None, no_tiny: bool) -> None:
+    """Start the whole platform: embedded PostgreSQL/Redis when no URLs are set, API, worker, beat."""
+    from spool import stack
+
+    stack.run_up(port=port, build_tiny=not no_tiny)
+
+
+def _register_client_commands() -> None:
+    try:
+        from spool import cli_client
+    except ImportError:
+        return
+    cli_client.register(cli)
+
+
+_register_client_commands()
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,117 @@
+"""Engine and session factories, and the schema-at-head check.
+
+Connections are made by factories, never at import. Every process makes its
+own engine (workers dispose the one inherited across fork).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from spool import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SchemaNotAtHead(RuntimeError):
+    """The database is not migrated to the code's Alembic head."""
+
+
+def normalize_url(url: str) -> str:
+    """Plain postgresql:// URLs use psycopg2 (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
+def make_engine(url: str, pool_size: int = 10) -> Engine:
+    return create_engine(
+        normalize_url(url),
+        pool_size=pool_size,
+        max_overflow=20,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        # A dead database must fail a request in seconds, not hang it.
+        connect_args={"connect_timeout": 3, "options": "-c statement_timeout=30000"},
+        future=True,
+    )
+
+
+@lru_cache(maxsize=1)
+def engine() -> Engine:
+    return make_engine(settings.get().database_url)
+
+
+@lru_cache(maxsize=1)
+def _factory() -> sessionmaker[Session]:
+    return sessionmaker(bind=engine(), expire_on_commit=False)
+
+
+def session() -> Session:
+    return _factory()()
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on error."""
+    s = session()
+    try:
+        with s.begin():
+            yield s
+    finally:
+        s.close()
+
+
+def dispose() -> None:
+    """Forget connections inherited across fork (the parent keeps its own)."""
+    if engine.cache_info().currsize:
+        engine().dispose(close=False)
+
+
+def alembic_config(url: str | None = None):  # -> alembic.config.Config
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.set_main_option(
+        "sqlalchemy.url", normalize_url(url or settings.get().database_url).replace("%", "%%")
+    )
+    return cfg
+
+
+def upgrade(url: str | None = None) -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")
+
+
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
+
+
+def current_revision(eng: Engine) -> str | None:
+    with eng.connect() as conn:
+        exists = conn.execute(text("SELECT to_regclass('alembic_version')")).scalar()
+        if not exists:
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def require_head(eng: Engine | None = None) -> None:
+    """Refuse to start on a database that is not migrated to head."""
+    eng = eng or engine()
+    current, head = current_revision(eng), head_revision()
+    if current != head:
+        raise SchemaNotAtHead(
+            f"database schema is at {current or 'nothing'}, the code needs {head}: "
+            "run `spool db upgrade` first"
+        )

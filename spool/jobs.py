@@ -1,0 +1,139 @@
+"""Job intake and state changes shared by the API and the sweeper.
+
+A job row is committed before its message is sent (spool.dispatch); every state
+change is one conditional UPDATE, so concurrent actors never overwrite each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.orm import Session
+
+from spool import dispatch, events, redisconn, registry, settings
+from spool.ids import new_id
+from spool.models import Job
+from spool.states import PRIORITIES, RETRYABLE, Status
+
+CANCEL_KEY = "spool:cancel:{}"
+CANCEL_TTL_S = 24 * 3600
+
+# The request fields a retry copies into the new job.
+REQUEST_FIELDS = ("kind", "model", "input", "priority", "webhook", "webhook_events",
+                  "ttl_s", "timeout_s", "metadata")
+
+
+class Conflict(Exception):
+    """The job's state does not allow the action (→ 409)."""
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_row(user_id: str, req: dict[str, Any], *, batch_id: str | None = None,
+            default_priority: str = "normal", at: datetime | None = None) -> dict[str, Any]:
+    """The column values of a new queued job from a validated request."""
+    s = settings.get()
+    at = at or now()
+    priority = req.get("priority") or default_priority
+    ttl_s = req.get("ttl_s")
+    return {
+        "id": new_id("job"),
+        "user_id": user_id,
+        "kind": req["kind"],
+        "model": req["model"],
+        "queue": registry.queue_name(req["model"]),
+        "status": Status.QUEUED.value,
+        "priority": priority,
+        "priority_rank": PRIORITIES[priority],
+        "input": req["input"],
+        "metadata": req.get("metadata"),
+        "webhook": req.get("webhook"),
+        "webhook_events": req.get("webhook_events") or (["completed"] if req.get("webhook") else None),
+        "max_attempts": s.max_attempts,
+        "timeout_s": req.get("timeout_s") or s.default_timeout_s,
+        "ttl_s": ttl_s,
+        "expires_at": at + timedelta(seconds=ttl_s) if ttl_s else None,
+        "batch_id": batch_id,
+        "custom_id": req.get("custom_id"),
+        "retry_of": req.get("retry_of"),
+        "created_at": at,
+        "sent_at": at,
+        "updated_at": at,
+    }
+
+
+def insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        # Core insert: one executemany, no ORM object per row (batches are big).
+        session.execute(insert(Job.__table__), list(rows))
+
+
+def messages(rows: Sequence[dict[str, Any]]) -> list[dispatch.Message]:
+    return [dispatch.Message(r["id"], r["queue"], r["priority_rank"], r["timeout_s"]) for r in rows]
+
+
+def queued_count(session: Session, user_id: str) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status == "queued")
+    ) or 0
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """Jobs that start before this one on its model's queue (0 = next); None once it runs."""
+    if job.status != Status.QUEUED:
+        return None
+    return session.scalar(
+        text(
+            "SELECT count(*) FROM jobs WHERE status = 'queued' AND queue = :q "
+            "AND (priority_rank < :r OR (priority_rank = :r AND seq < :seq))"
+        ),
+        {"q": job.queue, "r": job.priority_rank, "seq": job.seq},
+    )
+
+
+def visible(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Job | None:
+    """The job if this user may see it; another user's job is indistinguishable from none."""
+    job = session.get(Job, job_id)
+    if job is None or (job.user_id != user_id and not is_admin):
+        return None
+    return job
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Queued → canceled at once; running → canceling (the worker stops at its next step)."""
+    row = session.execute(
+        text(
+            "UPDATE jobs SET status = CASE WHEN status = 'queued' THEN 'canceled' ELSE 'canceling' END, "
+            "finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END, "
+            "updated_at = now() "
+            "WHERE id = :id AND status IN ('queued', 'running') RETURNING status"
+        ),
+        {"id": job.id},
+    ).first()
+    session.refresh(job)
+    if row is None and job.status != Status.CANCELING:
+        raise Conflict(f"job {job.id} is already {job.status}")
+    return job
+
+
+def announce_cancel(job: Job) -> None:
+    """After commit: tell the worker (flag checked every step) and the listeners."""
+    if job.status == Status.CANCELING:
+        try:
+            redisconn.client().set(CANCEL_KEY.format(job.id), "1", ex=CANCEL_TTL_S)
+        except Exception:
+            pass
+    events.publish_status(job.id, job.status)
+
+
+def retry_request(job: Job) -> dict[str, Any]:
+    if job.status not in RETRYABLE:
+        raise Conflict(f"only failed, canceled or expired jobs can be retried; this one is {job.status}")
+    req = {f: getattr(job, "metadata_" if f == "metadata" else f) for f in REQUEST_FIELDS}
+    req["retry_of"] = job.id
+    return req

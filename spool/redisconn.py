@@ -1,0 +1,45 @@
+"""Redis client factory: short timeouts so a dead Redis fails fast instead of hanging."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import redis
+
+from spool import settings
+
+
+def make_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=10,
+        health_check_interval=15,
+        decode_responses=True,
+    )
+
+
+@lru_cache(maxsize=1)
+def client() -> redis.Redis:
+    return make_client(settings.get().redis_url)
+
+
+def blocking_client() -> redis.Redis:
+    """For XREAD BLOCK: a socket timeout longer than any block we ask for."""
+    return _blocking()
+
+
+@lru_cache(maxsize=1)
+def _blocking() -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.get().redis_url,
+        socket_connect_timeout=2,
+        socket_timeout=70,
+        decode_responses=True,
+    )
+
+
+def reset() -> None:
+    """Drop clients inherited across fork."""
+    client.cache_clear()
+    _blocking.cache_clear()

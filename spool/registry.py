@@ -1,0 +1,88 @@
+"""The model registry: which models exist, their kind, source, device and input limits.
+
+Read from a YAML file (SPOOL_MODELS_FILE, default: spool/models.yaml shipped with
+the code). Both sides use it: the API to validate inputs against the limits and
+route to a queue, the workers to load the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spool import settings
+
+DEFAULT_FILE = Path(__file__).with_name("models.yaml")
+KINDS = ("echo", "image.generate", "text.generate")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str
+    source: str = ""
+    dtype: str = "float32"
+    device: str = "auto"
+    max_batch_size: int = 1
+    batch_wait_ms: float = 5.0
+    limits: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def queue(self) -> str:
+        return queue_name(self.name)
+
+    def resolved_source(self, base: Path) -> str:
+        """A relative local path is relative to the var dir; a hub id stays as it is."""
+        src = self.source.replace("${SPOOL_VAR_DIR}", str(base))
+        return src
+
+
+def queue_name(model: str) -> str:
+    return f"spool.model.{model}"
+
+
+def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise RegistryError(f"model {name!r}: kind must be one of {', '.join(KINDS)}")
+    known = {"kind", "source", "dtype", "device", "max_batch_size", "batch_wait_ms", "limits"}
+    return ModelSpec(
+        name=name,
+        kind=kind,
+        source=str(raw.get("source", "")),
+        dtype=str(raw.get("dtype", "float32")),
+        device=str(raw.get("device", "auto")),
+        max_batch_size=int(raw.get("max_batch_size", 1)),
+        batch_wait_ms=float(raw.get("batch_wait_ms", 5.0)),
+        limits=dict(raw.get("limits") or {}),
+        options={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def load(path: str | Path) -> dict[str, ModelSpec]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise RegistryError(f"cannot read model registry {path}: {exc}") from exc
+    models = data.get("models") or {}
+    if not isinstance(models, dict):
+        raise RegistryError(f"{path}: `models` must be a mapping of name → spec")
+    return {name: _spec(name, raw or {}) for name, raw in models.items()}
+
+
+@lru_cache(maxsize=1)
+def models() -> dict[str, ModelSpec]:
+    return load(settings.get().models_file or DEFAULT_FILE)
+
+
+def get(name: str) -> ModelSpec | None:
+    return models().get(name)

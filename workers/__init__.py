@@ -1,0 +1,1 @@
+"""Celery workers: tasks, inference backends, the sweeper. Never imports Flask or `api`."""

@@ -1,0 +1,84 @@
+"""The inference-backend interface (cog's lifecycle, Redash's registry).
+
+`setup()` loads weights once per process; `predict()` runs a batch of compatible
+jobs and returns one result (or exception) per job, in order. Per-job progress,
+tokens and cancel go through each job's `JobContext`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from typing import Any, ClassVar, Protocol
+
+from spool.registry import ModelSpec
+
+
+class JobCanceled(Exception):
+    """The job's cancel flag was seen at a step or token boundary."""
+
+
+class JobTimedOut(Exception):
+    """The job ran past its timeout_s."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded (missing files, out of memory, bad config)."""
+
+
+class JobContext(Protocol):
+    """What a backend may do for one job of a batch."""
+
+    job_id: str
+    input: dict[str, Any]
+
+    def progress(self, current: int, total: int) -> None: ...
+
+    def token(self, text: str) -> None: ...
+
+    def canceled(self) -> bool: ...
+
+    def check(self) -> None:
+        """Raise JobCanceled / JobTimedOut if the job must stop now."""
+        ...
+
+    def save_artifact(self, name: str, data: bytes, content_type: str) -> str:
+        """Store bytes for this job; returns the public URL of the artifact."""
+        ...
+
+
+class Backend(ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Load weights once per process (called before the first predict)."""
+
+    def batch_key(self, job_input: dict[str, Any]) -> Hashable:
+        """Jobs with equal keys may run in one batch (same shape-setting parameters)."""
+        return None
+
+    @abstractmethod
+    def predict(self, jobs: list[JobContext]) -> list[dict[str, Any] | BaseException]:
+        """Run a batch; one output dict or exception per job, in order."""
+
+
+_REGISTRY: dict[str, type[Backend]] = {}
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def backend_class(kind: str) -> type[Backend]:
+    try:
+        return _REGISTRY[kind]
+    except KeyError as exc:
+        raise ModelLoadError(f"no backend for job kind {kind!r}") from exc
+
+
+Factory = Callable[[ModelSpec], Backend]

@@ -1,0 +1,35 @@
+"""The built-in `echo` backend: no GPU, for probing and benchmarking the platform."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from workers.backends.base import Backend, JobContext, register
+
+
+class EchoFailed(RuntimeError):
+    code = "echo_failed"
+
+
+@register
+class EchoBackend(Backend):
+    kind = "echo"
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, jobs: list[JobContext]) -> list[dict[str, Any] | BaseException]:
+        return [self._one(job) for job in jobs]
+
+    def _one(self, job: JobContext) -> dict[str, Any] | BaseException:
+        sleep_s = float(job.input.get("sleep_s") or 0)
+        deadline = time.monotonic() + sleep_s
+        # Sleep in short slices so cancel and timeout are seen within ~50 ms.
+        while (left := deadline - time.monotonic()) > 0:
+            job.check()
+            time.sleep(min(0.05, left))
+        job.check()
+        if job.input.get("fail"):
+            return EchoFailed("echo job asked to fail")
+        return {"value": job.input.get("value")}

@@ -1,0 +1,63 @@
+"""spool.run_job: claim the job, run it on its model (micro-batched), record the outcome."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from spool import registry, settings
+from spool.states import Status
+from workers import lease
+from workers.app import WORKER_NAME, app, base_url
+from workers.backends import load_optional_backends
+from workers.backends.base import JobCanceled, JobTimedOut, ModelLoadError
+from workers.context import Heartbeat, RunContext
+
+log = logging.getLogger("spool.worker")
+
+load_optional_backends()
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message[:2000]}
+
+
+def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
+    from workers.batching import batcher_for
+
+    return batcher_for(spec).run(ctx)
+
+
+@app.task(name="spool.run_job", ignore_result=True)
+def run_job(job_id: str) -> str:
+    c = lease.claim(job_id, WORKER_NAME)
+    if c is None:
+        return "skipped"  # a duplicate message, or the job is no longer queued
+    log.info("job started", extra={"job_id": job_id, "attempt": c.attempts})
+    ctx = RunContext(c, base_url())
+    beat = Heartbeat(ctx, settings.get().heartbeat_interval)
+    beat.start()
+    try:
+        spec = registry.get(c.model)
+        if spec is None:
+            raise ModelLoadError(f"model {c.model!r} is not in this worker's registry")
+        output = _run(spec, ctx)
+        status, out, err = Status.SUCCEEDED, output, None
+    except JobCanceled as exc:
+        status, out, err = Status.CANCELED, None, _error("canceled", str(exc))
+    except JobTimedOut as exc:
+        status, out, err = Status.FAILED, None, _error("timeout", str(exc))
+    except ModelLoadError as exc:
+        status, out, err = Status.FAILED, None, _error("model_load_failed", str(exc))
+    except Exception as exc:
+        log.exception("job failed", extra={"job_id": job_id})
+        status, out, err = Status.FAILED, None, _error(getattr(exc, "code", "inference_error"),
+                                                        f"{type(exc).__name__}: {exc}")
+    finally:
+        beat.stop()
+    if ctx.lost.is_set() or not lease.finish(c, status, out, err):
+        log.warning("job was taken back before it finished; outcome dropped",
+                    extra={"job_id": job_id})
+        return "lost"
+    log.info("job finished", extra={"job_id": job_id, "status": status})
+    return str(status)

@@ -1,0 +1,102 @@
+"""Claiming, heartbeating and finishing a job: each one conditional UPDATE.
+
+A worker owns a job while its lease token matches and the lease is fresh. A
+duplicate message, a second worker or a late finish after the sweeper took the
+job back all find no matching row and do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+
+from spool import db, events, settings
+from spool.states import Status
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    token: str
+    kind: str
+    model: str
+    input: dict[str, Any]
+    attempts: int
+    timeout_s: int
+    user_id: str
+
+
+CLAIM_SQL = text(
+    """
+    UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = :tok,
+        lease_expires_at = now() + make_interval(secs => :lease), worker = :worker,
+        started_at = now(), updated_at = now(), progress = NULL
+    WHERE id = :id AND attempts < max_attempts AND (
+        (status = 'queued' AND (expires_at IS NULL OR expires_at > now()))
+        OR (status = 'running' AND lease_expires_at < now()))
+    RETURNING kind, model, input, attempts, timeout_s, user_id
+    """
+)
+
+
+def claim(job_id: str, worker: str) -> Claim | None:
+    """Take the job if it is queued (or its last worker's lease expired)."""
+    tok = uuid.uuid4().hex
+    with db.transaction() as s:
+        row = s.execute(
+            CLAIM_SQL, {"id": job_id, "tok": tok, "lease": settings.get().lease_s, "worker": worker}
+        ).first()
+    if row is None:
+        return None
+    events.publish_status(job_id, Status.RUNNING, {"attempt": row.attempts})
+    return Claim(job_id, tok, row.kind, row.model, row.input, row.attempts, row.timeout_s,
+                 row.user_id)
+
+
+def renew(c: Claim) -> str | None:
+    """Extend the lease; returns the job's status, or None when the job is no longer ours."""
+    with db.transaction() as s:
+        return s.scalar(
+            text(
+                "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease) "
+                "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
+                "RETURNING status"
+            ),
+            {"id": c.job_id, "tok": c.token, "lease": settings.get().lease_s},
+        )
+
+
+def progress(c: Claim, current: int, total: int) -> None:
+    with db.transaction() as s:
+        s.execute(
+            text("UPDATE jobs SET progress = CAST(:p AS jsonb) WHERE id = :id AND lease_token = :tok"),
+            {"id": c.job_id, "tok": c.token, "p": json.dumps({"current": current, "total": total})},
+        )
+
+
+def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | None = None) -> bool:
+    """Record the outcome if the job is still ours; False when it was taken away."""
+    with db.transaction() as s:
+        row = s.execute(
+            text(
+                "UPDATE jobs SET status = :status, output = CAST(:output AS jsonb), "
+                "error = CAST(:error AS jsonb), finished_at = now(), updated_at = now(), "
+                "lease_expires_at = NULL "
+                "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
+                "RETURNING id"
+            ),
+            {
+                "id": c.job_id, "tok": c.token, "status": status,
+                "output": json.dumps(output) if output is not None else None,
+                "error": json.dumps(error) if error is not None else None,
+            },
+        ).first()
+    if row is None:
+        return False
+    extra: dict[str, Any] = {"error": error} if error else {}
+    events.publish_status(c.job_id, status, extra)
+    return True
