@@ -14,7 +14,9 @@ class SpoolParser(FlaskParser):
             return super()._raw_load_json(req)
         except RecursionError:
             # Absurdly deep JSON is a malformed request (400), not a crash.
-            return self.handle_invalid_json_error(ValueError("JSON nested too deeply"), req)
+            from webargs.flaskparser import abort
+
+            abort(400, messages={"json": ["JSON nested too deeply"]})
 
 
 class Blueprint(_Blueprint):

@@ -21,6 +21,7 @@ def configure(component: str) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
         structlog.stdlib.ExtraAdder(),
     ]
     renderer = (

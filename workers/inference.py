@@ -3,29 +3,44 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from spool import registry, settings
 from spool.states import Status
 from workers import lease
 from workers.app import WORKER_NAME, app, base_url
-from workers.backends import load_optional_backends
-from workers.backends.base import JobCanceled, JobTimedOut, ModelLoadError
+from workers.backends import backend_class
+from workers.backends.base import Backend, JobCanceled, JobTimedOut, ModelLoadError
 from workers.context import Heartbeat, RunContext
 
 log = logging.getLogger("spool.worker")
-
-load_optional_backends()
 
 
 def _error(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message[:2000]}
 
 
-def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
-    from workers.batching import batcher_for
+_unbatched: dict[str, Backend] = {}
+_setup_lock = threading.Lock()
 
-    return batcher_for(spec).run(ctx)
+
+def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
+    """Micro-batched when the model allows batches; straight to the backend otherwise."""
+    if spec.max_batch_size > 1:
+        from workers.batching import batcher_for
+
+        return batcher_for(spec).run(ctx)
+    with _setup_lock:  # one warm copy of the model per process
+        backend = _unbatched.get(spec.name)
+        if backend is None:
+            backend = backend_class(spec.kind)(spec)
+            backend.setup()
+            _unbatched[spec.name] = backend
+    result = backend.predict([ctx])[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 @app.task(name="spool.run_job", ignore_result=True)

@@ -1,24 +1,33 @@
-"""Inference backends behind one interface; importing this registers the built-in ones."""
+"""Inference backends behind one interface (a tiny registry, Redash style).
+
+The echo backend is always there; the GPU ones are imported on first use, so a
+worker serving only echo never pays for importing torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from workers.backends import echo  # noqa: F401  (registers itself)
-from workers.backends.base import Backend, backend_class, register
+from workers.backends.base import _REGISTRY, Backend, ModelLoadError, register
 
-__all__ = ["Backend", "backend_class", "load_optional_backends", "register"]
+__all__ = ["Backend", "backend_class", "register"]
+
+MODULES = {
+    "image.generate": "workers.backends.diffusion",
+    "text.generate": "workers.backends.llm",
+}
 
 
-OPTIONAL_LIBS = {"torch", "diffusers", "transformers", "accelerate", "PIL"}
-
-
-def load_optional_backends() -> None:
-    """Import the GPU backends when their libraries are installed (extra `gpu`)."""
-    import importlib
-
-    for name in ("workers.backends.diffusion", "workers.backends.llm"):
+def backend_class(kind: str) -> type[Backend]:
+    if kind not in _REGISTRY and kind in MODULES:
         try:
-            importlib.import_module(name)
-        except ImportError as exc:  # torch/diffusers missing: those kinds stay unavailable
-            if exc.name == name or (exc.name or "").split(".")[0] in OPTIONAL_LIBS:
-                continue
-            raise
+            importlib.import_module(MODULES[kind])
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{kind} jobs need the `gpu` extra (torch, diffusers, transformers): {exc}"
+            ) from exc
+    try:
+        return _REGISTRY[kind]
+    except KeyError as exc:
+        raise ModelLoadError(f"no backend for job kind {kind!r}") from exc

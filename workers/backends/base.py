@@ -8,7 +8,7 @@ tokens and cancel go through each job's `JobContext`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any, ClassVar, Protocol
 
 from spool.registry import ModelSpec
@@ -75,10 +75,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 
 def backend_class(kind: str) -> type[Backend]:
-    try:
-        return _REGISTRY[kind]
-    except KeyError as exc:
-        raise ModelLoadError(f"no backend for job kind {kind!r}") from exc
+    """Prefer workers.backends.backend_class, which also imports the GPU backends."""
+    from workers.backends import backend_class as _load
 
-
-Factory = Callable[[ModelSpec], Backend]
+    return _load(kind)

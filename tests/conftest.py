@@ -1,0 +1,71 @@
+"""Session fixtures: real PostgreSQL and Redis, a fresh database, a running platform."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import support
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[support.Services]:
+    svc = support.start_services(tmp_path_factory.mktemp("embedded"))
+    yield svc
+    support.stop_services(svc)
+
+
+@pytest.fixture(scope="session")
+def database_url(services: support.Services) -> Iterator[str]:
+    """A fresh, migrated database; this process's settings point at it."""
+    url = services.create_database()
+    os.environ["DATABASE_URL"] = url
+    os.environ["REDIS_URL"] = services.redis_url
+    from spool import db, redisconn, registry, settings
+
+    settings.get.cache_clear()
+    db.engine.cache_clear()
+    db._factory.cache_clear()
+    redisconn.reset()
+    registry.models.cache_clear()
+    redisconn.client().flushdb()
+    db.upgrade(url)
+    yield url
+    db.engine().dispose()
+    services.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def redis_client(database_url: str):
+    from spool import redisconn
+
+    return redisconn.client()
+
+
+@pytest.fixture(scope="session")
+def platform(database_url: str, services: support.Services,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[support.Platform]:
+    """The shared platform: API, one worker for every model, beat."""
+    p = support.Platform(database_url, services.redis_url, tmp_path_factory.mktemp("var"))
+    try:
+        p.start_all()
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture()
+def user_key(database_url: str) -> str:
+    return support.create_user()
+
+
+@pytest.fixture()
+def api(platform: support.Platform, user_key: str) -> support.Api:
+    return support.Api(platform.url, user_key)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("SPOOL_VAR_DIR", str(Path(__file__).parent.parent / "var" / "test"))

@@ -1,0 +1,209 @@
+"""`image.generate`: any diffusers text-to-image pipeline, many jobs per pipeline call.
+
+Every image has its own seeded generator, so its starting noise is the same whether
+it runs alone or in a batch. Progress and cancel are checked at every denoising step,
+per job: a canceled job stops reporting and is dropped from the results, the others
+go on; when every job of a call is canceled the call stops.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spool.registry import ModelSpec
+from workers.backends import hf
+from workers.backends.base import Backend, JobContext, register
+
+Result = dict[str, Any] | BaseException
+
+
+class _AllStopped(Exception):
+    """Raised from the step callback to abort a call whose jobs were all canceled."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The parameters one pipeline call shares; jobs with equal shapes batch together."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+@dataclass
+class _Request:
+    index: int
+    ctx: JobContext
+    prompt: str
+    negative_prompt: str
+    seeds: list[int]
+    stopped: BaseException | None = None
+
+
+@register
+class DiffusionBackend(Backend):
+    kind = "image.generate"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.pipe: Any = None
+        self.device = torch.device("cpu")
+        # A pipeline keeps per-call state on itself (step count, interrupt flag).
+        self._lock = threading.Lock()
+
+    def setup(self) -> None:
+        hf.prepare_process()
+        from diffusers import AutoPipelineForText2Image
+
+        self.device = hf.device_for(self.spec)
+        dtype = hf.dtype_for(self.spec, self.device)
+        source = hf.model_source(self.spec)
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                source, dtype=dtype, **hf.load_kwargs(self.spec)
+            )
+            pipe = pipe.to(self.device)
+        except Exception as exc:  # any failure here means the model is unusable
+            raise hf.load_failed(self.spec, source, exc) from exc
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+
+    def batch_key(self, job_input: dict[str, Any]) -> Hashable:
+        return self.shape(job_input)
+
+    def shape(self, data: dict[str, Any]) -> Shape:
+        """The job's size, steps and guidance, with the registry's defaults and limits."""
+        d, lim = self.spec.defaults, self.spec.limit
+        width = hf.int_input(data, "width", d.get("width", 512), lim("min_width", 64), lim("max_width", 1024))
+        height = hf.int_input(
+            data, "height", d.get("height", 512), lim("min_height", 64), lim("max_height", 1024)
+        )
+        if width % 8 or height % 8:
+            raise hf.InvalidInput("width and height must be multiples of 8")
+        steps = hf.int_input(data, "steps", d.get("steps", 30), 1, lim("max_steps", 150))
+        guidance = hf.float_input(
+            data, "guidance_scale", d.get("guidance_scale", 7.5), 0.0, lim("max_guidance_scale", 50.0)
+        )
+        return Shape(width, height, steps, guidance)
+
+    def predict(self, jobs: list[JobContext]) -> list[Result]:
+        if self.pipe is None:
+            raise RuntimeError("DiffusionBackend.predict called before setup()")
+        results: list[Result | None] = [None] * len(jobs)
+        groups: dict[Shape, list[_Request]] = {}
+        for index, ctx in enumerate(jobs):
+            try:
+                shape = self.shape(ctx.input)
+                groups.setdefault(shape, []).append(self._request(index, ctx))
+            except hf.InvalidInput as exc:
+                results[index] = exc
+        with self._lock:
+            for shape, requests in groups.items():
+                for call in self._pack(requests):
+                    self._run_call(shape, call, results)
+        return [r if r is not None else RuntimeError("job was not run") for r in results]
+
+    def _request(self, index: int, ctx: JobContext) -> _Request:
+        data = ctx.input
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise hf.InvalidInput("prompt must be a non-empty string")
+        negative = data.get("negative_prompt") or ""
+        if not isinstance(negative, str):
+            raise hf.InvalidInput("negative_prompt must be a string")
+        count = hf.int_input(data, "num_images", 1, 1, self.spec.limit("max_num_images", 8))
+        seed = hf.seed_input(data)
+        return _Request(index, ctx, prompt, negative, [seed + k for k in range(count)])
+
+    def _pack(self, requests: list[_Request]) -> list[list[_Request]]:
+        """Split into pipeline calls of at most max_batch_size images; a job is never split."""
+        cap = max(1, self.spec.max_batch_size)
+        calls: list[list[_Request]] = []
+        size = cap
+        for request in requests:
+            if size + len(request.seeds) > cap:
+                calls.append([])
+                size = 0
+            calls[-1].append(request)
+            size += len(request.seeds)
+        return calls
+
+    def _run_call(self, shape: Shape, requests: list[_Request], results: list[Result | None]) -> None:
+        live = []
+        for request in requests:  # jobs canceled while waiting for an earlier call
+            if (stop := hf.stop_reason(request.ctx)) is not None:
+                results[request.index] = stop
+            else:
+                live.append(request)
+        if not live:
+            return
+
+        def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            total = pipe.num_timesteps  # second-order schedulers call back 2N-1 times
+            for request in live:
+                if request.stopped is None:
+                    request.stopped = _report(request.ctx, step + 1, total)
+            if all(request.stopped is not None for request in live):
+                raise _AllStopped
+            return tensors
+
+        prompts = [r.prompt for r in live for _ in r.seeds]
+        negatives = [r.negative_prompt for r in live for _ in r.seeds]
+        # CPU generators: the same noise on any device, drawn per image.
+        generators = [torch.Generator("cpu").manual_seed(s) for r in live for s in r.seeds]
+        try:
+            images = self.pipe(
+                prompt=prompts,
+                negative_prompt=negatives,
+                width=shape.width,
+                height=shape.height,
+                num_inference_steps=shape.steps,
+                guidance_scale=shape.guidance_scale,
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=on_step,
+            ).images
+        except _AllStopped:
+            images = []
+        except Exception as exc:  # e.g. out of memory: this call's jobs fail, later calls still run
+            for request in live:
+                results[request.index] = request.stopped or exc
+            return
+        offset = 0
+        for request in live:
+            mine = images[offset : offset + len(request.seeds)]
+            offset += len(request.seeds)
+            if request.stopped is not None:
+                results[request.index] = request.stopped
+                continue
+            try:
+                results[request.index] = _output(request, shape, mine)
+            except Exception as exc:  # storing this job's images failed; the others stand
+                results[request.index] = exc
+
+
+def _report(ctx: JobContext, current: int, total: int) -> BaseException | None:
+    """Check the job's cancel flag and report progress; the exception that stops it, if any."""
+    try:
+        ctx.check()
+        ctx.progress(current, total)
+    except Exception as exc:  # kept in this job's slot; the batch goes on
+        return exc
+    return None
+
+
+def _output(request: _Request, shape: Shape, images: list[Any]) -> dict[str, Any]:
+    out = []
+    for k, (image, seed) in enumerate(zip(images, request.seeds, strict=True)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        url = request.ctx.save_artifact(f"image-{k}.png", buf.getvalue(), "image/png")
+        out.append({"url": url, "width": shape.width, "height": shape.height, "seed": seed})
+    return {"images": out}

@@ -1,0 +1,296 @@
+"""`text.generate`: any transformers causal LM, many jobs decoded together.
+
+`generate()` shares one sampler, one streamer and one stop rule across a batch, so this
+backend runs its own decode loop over a KV cache: each row has its own seeded
+generator, temperature, top_p, stop strings, token stream and cancel. Rows that finish
+leave the batch (their cache rows are dropped), so the rest run at the smaller size.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spool.registry import ModelSpec
+from workers.backends import hf
+from workers.backends.base import Backend, JobContext, register
+
+Result = dict[str, Any] | BaseException
+
+
+@dataclass
+class _Row:
+    index: int
+    ctx: JobContext
+    prompt_ids: list[int]
+    max_new: int
+    min_new: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    generator: torch.Generator
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded completion so far
+    sent: int = 0  # how much of `text` went out as tokens
+    prefix_offset: int = 0  # incremental detokenization window over `ids`
+    read_offset: int = 0
+    finish: str | None = None
+    result: Result | None = None
+
+
+@register
+class LLMBackend(Backend):
+    kind = "text.generate"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.device = torch.device("cpu")
+        self.eos_ids: set[int] = set()
+        self.context_len: int | None = None
+        self._lock = threading.Lock()
+
+    def setup(self) -> None:
+        hf.prepare_process()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = hf.device_for(self.spec)
+        dtype = hf.dtype_for(self.spec, self.device)
+        source = hf.model_source(self.spec)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **hf.load_kwargs(self.spec))
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, **hf.load_kwargs(self.spec)
+            )
+            model = model.to(self.device).eval()
+        except Exception as exc:  # any failure here means the model is unusable
+            raise hf.load_failed(self.spec, source, exc) from exc
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        eos = model.generation_config.eos_token_id
+        eos_list = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos_list, tokenizer.eos_token_id] if i is not None}
+        self.context_len = getattr(model.config, "max_position_embeddings", None)
+        self.tokenizer, self.model = tokenizer, model
+
+    def batch_key(self, job_input: dict[str, Any]) -> None:
+        return None  # sampling settings are per row: any two text jobs can share a batch
+
+    def predict(self, jobs: list[JobContext]) -> list[Result]:
+        if self.model is None:
+            raise RuntimeError("LLMBackend.predict called before setup()")
+        results: list[Result | None] = [None] * len(jobs)
+        rows: list[_Row] = []
+        for index, ctx in enumerate(jobs):
+            try:
+                rows.append(self._row(index, ctx))
+            except hf.InvalidInput as exc:
+                results[index] = exc
+        with self._lock, torch.inference_mode():
+            try:
+                self._decode(rows)
+            except Exception as exc:  # e.g. out of memory: rows still running fail with it
+                for row in rows:
+                    if row.result is None:
+                        row.result = exc
+        for row in rows:
+            results[row.index] = row.result
+        return [r if r is not None else RuntimeError("job was not run") for r in results]
+
+    # --- inputs -------------------------------------------------------------------
+    def _row(self, index: int, ctx: JobContext) -> _Row:
+        data, d = ctx.input, self.spec.defaults
+        prompt_ids = self._prompt_ids(data)
+        max_new = hf.int_input(
+            data, "max_tokens", d.get("max_tokens", 256), 1, self.spec.limit("max_tokens", 4096)
+        )
+        if self.context_len and len(prompt_ids) + max_new > self.context_len:
+            raise hf.InvalidInput(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_new}) exceeds the "
+                f"model's context of {self.context_len} tokens"
+            )
+        stop = data.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise hf.InvalidInput("stop must be a string or a list of non-empty strings")
+        generator = torch.Generator(self.device).manual_seed(hf.seed_input(data))
+        return _Row(
+            index=index,
+            ctx=ctx,
+            prompt_ids=prompt_ids,
+            max_new=max_new,
+            # Not in the public API: lets benchmarks and tests fix the length of a run.
+            min_new=hf.int_input(data, "min_tokens", 0, 0, max_new),
+            temperature=hf.float_input(data, "temperature", d.get("temperature", 1.0), 0.0, 5.0),
+            top_p=hf.float_input(data, "top_p", d.get("top_p", 1.0), 0.0, 1.0),
+            stop=stop,
+            generator=generator,
+        )
+
+    def _prompt_ids(self, data: dict[str, Any]) -> list[int]:
+        limit = self.spec.limit("max_prompt_chars", 100_000)
+        messages, prompt = data.get("messages"), data.get("prompt")
+        if messages is not None:
+            ok = isinstance(messages, list) and messages
+            ok = ok and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+            if not ok:
+                raise hf.InvalidInput("messages must be a list of {role, content} strings")
+            if sum(len(m["content"]) for m in messages) > limit:
+                raise hf.InvalidInput(f"messages are longer than {limit} characters")
+            if not self.tokenizer.chat_template:
+                raise hf.InvalidInput(f"model {self.spec.name} has no chat template: send a prompt")
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+            # The template writes its own special tokens (e.g. BOS).
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        if not isinstance(prompt, str) or not prompt:
+            raise hf.InvalidInput("prompt (a non-empty string) or messages is required")
+        if len(prompt) > limit:
+            raise hf.InvalidInput(f"prompt is longer than {limit} characters")
+        return list(self.tokenizer(prompt).input_ids)
+
+    # --- the decode loop ----------------------------------------------------------
+    def _decode(self, rows: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        active = [row for row in rows if not self._stopped(row)]
+        if not active:
+            return
+        width = max(len(row.prompt_ids) for row in active)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(active), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(active), width), dtype=torch.long)
+        for i, row in enumerate(active):  # left padding: every row's last token is aligned
+            ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+            mask[i, width - len(row.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        # Positions count real tokens only, so a padded row sees what it would see alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, positions, cache)
+        last = positions[:, -1]
+        while True:
+            next_ids = self._sample(logits, active)
+            keep = [i for i, row in enumerate(active) if not self._accept(row, next_ids[i])]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=self.device)
+                cache.reorder_cache(index)
+                mask, last = mask[index], last[index]
+                active = [active[i] for i in keep]
+            step_ids = torch.tensor([[row.ids[-1]] for row in active], device=self.device)
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            last = last + 1
+            logits = self._forward(step_ids, mask, last[:, None], cache)
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """One token per row: greedy at temperature 0, else top-p sampling from its generator."""
+        for i, row in enumerate(rows):
+            if len(row.ids) < row.min_new:
+                logits[i, list(self.eos_ids)] = float("-inf")
+        choice = logits.argmax(dim=-1)
+        sampled = [i for i, row in enumerate(rows) if row.temperature > 0]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            temps = torch.tensor([rows[i].temperature for i in sampled], device=logits.device)
+            top_p = torch.tensor([rows[i].top_p for i in sampled], device=logits.device)
+            probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
+            probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            # Keep the smallest head of the distribution whose mass reaches top_p.
+            probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p[:, None], 0.0)
+            cdf = probs.cumsum(-1)
+            # One uniform draw per row from the row's own generator: batch-independent.
+            draws = torch.stack(
+                [torch.rand((), generator=rows[i].generator, device=logits.device) for i in sampled]
+            )
+            pick = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)
+            pick = pick.clamp(max=cdf.shape[-1] - 1)
+            choice[idx] = order.gather(-1, pick).squeeze(-1)
+        return [int(x) for x in choice.tolist()]
+
+    def _stopped(self, row: _Row) -> bool:
+        if (stop := hf.stop_reason(row.ctx)) is not None:
+            row.result = stop
+            return True
+        return False
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Take one token for a row; True when the row is finished (or failed)."""
+        try:
+            return self._advance(row, token)
+        except Exception as exc:  # this job's context failed; the batch goes on
+            row.result = exc
+            return True
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        if self._stopped(row):
+            return True
+        row.ids.append(token)
+        if token in self.eos_ids:
+            row.finish = "stop"
+        else:
+            row.text += self._detokenize(row)
+            hit = min((p for s in row.stop if (p := row.text.find(s)) >= 0), default=-1)
+            if hit >= 0:
+                row.text, row.finish = row.text[:hit], "stop"
+            elif len(row.ids) >= row.max_new:
+                row.finish = "length"
+        # Hold back a tail that may be the start of a stop string until it is decided.
+        ready = len(row.text) if row.finish else len(row.text) - _held_back(row.text, row.stop)
+        if ready > row.sent:
+            row.ctx.token(row.text[row.sent : ready])
+            row.sent = ready
+        row.ctx.progress(len(row.ids), row.max_new)
+        if row.finish is None:
+            return False
+        row.result = {
+            "text": row.text,
+            "finish_reason": row.finish,
+            "usage": {"prompt_tokens": len(row.prompt_ids), "completion_tokens": len(row.ids)},
+        }
+        return True
+
+    def _detokenize(self, row: _Row) -> str:
+        """The text the newest token adds; empty while it ends inside a multi-byte character."""
+        decode = self.tokenizer.decode
+        before = decode(row.ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
+        after = decode(row.ids[row.prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
+            return after[len(before) :]
+        return ""
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
