@@ -22,20 +22,19 @@ task_ignore_result = True
 # lease in PostgreSQL, and the sweeper re-sends a job whose worker died.
 task_acks_late = False
 task_reject_on_worker_lost = False
-# Fetch a message only when a pool slot is free (Redis only, Celery ≥ 5.6): nothing
-# waits prefetched in a busy worker, so nothing is stranded when it is killed,
-# and an idle worker is never starved by a busy one.
-worker_disable_prefetch = True
+# One reserved message per slot. Not `worker_disable_prefetch`: with it, kombu only
+# re-polls Redis on its 1 s timer after a slot frees, capping a slot at ~1 job/s.
+# A message reserved by a worker that is then SIGKILLed is not lost: the worker
+# cleared the job's sent-marker on receipt, so the sweeper re-sends the job.
 worker_prefetch_multiplier = 1
 
 broker_transport_options = {
     # Emulated priorities: one Redis list per step, popped in order (0 first).
     "priority_steps": [0, 3, 6],
     "sep": ":",
-    "queue_order_strategy": "priority",
     # Only reserved-but-unstarted messages sit unacked (acks are early): a short
     # timeout restores those quickly; a duplicate is a no-op thanks to the claim.
-    "visibility_timeout": 300,
+    "visibility_timeout": _s.broker_visibility_timeout_s,
     # A dead Redis must fail a publish in seconds (the API still answers 202:
     # the job is in PostgreSQL and the sweeper sends it later).
     "socket_timeout": 5,

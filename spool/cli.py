@@ -153,8 +153,8 @@ def api(port: int | None, host: str | None, n_workers: int | None) -> None:
 @click.option("--models", "model_names", default=None,
               help="comma-separated models to serve (default: every model in the registry)")
 @click.option("--queues", default=None,
-              help="extra queues, e.g. spool.cpu (webhooks, sweeper); default: spool.cpu "
-                   "when --models is not given")
+              help="extra queues, e.g. spool.cpu (webhooks, sweeper). Alone, without "
+                   "--models: a housekeeping worker serving no model")
 @click.option("--concurrency", type=int, default=None, help="jobs in flight per process")
 @click.option("--pool", default="threads", type=click.Choice(["threads", "prefork", "solo"]),
               help="threads: one process per GPU keeps one warm copy of each model")
@@ -164,7 +164,10 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     from spool.logs import configure
 
     configure("worker")
-    names = [m for m in (model_names or "").split(",") if m] or list(registry.models())
+    if model_names is None and queues:
+        names: list[str] = []  # a housekeeping worker: only the queues asked for
+    else:
+        names = [m for m in (model_names or "").split(",") if m] or list(registry.models())
     unknown = [m for m in names if registry.get(m) is None]
     if unknown:
         raise click.ClickException(f"unknown model(s): {', '.join(unknown)}")

@@ -5,6 +5,7 @@ for tests on a machine with neither service running.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -26,16 +27,25 @@ def start_postgres(var_dir: Path) -> str:
     import pgserver
 
     var_dir.mkdir(parents=True, exist_ok=True)
+    # As root, pgserver runs postgres as an unprivileged user: it must reach the data dir.
+    if os.geteuid() == 0:
+        for parent in [var_dir, *var_dir.parents]:
+            if parent.stat().st_mode & 0o001 == 0:
+                parent.chmod(parent.stat().st_mode | 0o011)
     server = pgserver.get_server(var_dir / "pgdata", cleanup_mode=None)
     return server.get_uri()
 
 
 def stop_postgres(var_dir: Path) -> None:
+    """Stop the embedded PostgreSQL (as the user pgserver runs it as)."""
     import pgserver
 
     pgdata = var_dir / "pgdata"
-    if pgdata.exists():
-        pgserver.pg_ctl(["-D", str(pgdata), "-m", "fast", "-w", "stop"])  # type: ignore[attr-defined]
+    if not pgdata.exists():
+        return
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server.cleanup_mode = "stop"
+    server.cleanup()
 
 
 @dataclass

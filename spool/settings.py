@@ -77,6 +77,7 @@ class Settings:
     artifacts_url: str = ""
     webhook_allow_private: bool = False
     torch_threads: int = 0
+    broker_visibility_timeout_s: int = 300
 
     @property
     def production(self) -> bool:
@@ -140,6 +141,7 @@ def from_env() -> Settings:
         artifacts_url=_env("SPOOL_ARTIFACTS_URL", str(var_dir / "artifacts")),
         webhook_allow_private=parse_bool(os.environ.get("SPOOL_WEBHOOK_ALLOW_PRIVATE")),
         torch_threads=_int("SPOOL_TORCH_THREADS", 0),
+        broker_visibility_timeout_s=_int("SPOOL_BROKER_VISIBILITY_TIMEOUT_S", 300),
     ).validate()
 
 

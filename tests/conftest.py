@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +14,12 @@ from tests import support
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[support.Services]:
-    svc = support.start_services(tmp_path_factory.mktemp("embedded"))
+    # Under the project (not pytest's 0700 tmp): the embedded PostgreSQL runs as its own user.
+    where = support.ROOT / "var" / f"test-embedded-{os.getpid()}"
+    svc = support.start_services(where)
     yield svc
     support.stop_services(svc)
+    shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -295,3 +295,58 @@ def wait_until(pred, timeout: float = 30, every: float = 0.1, what: str = "condi
             return val
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class IsolatedPlatform(Platform):
+    """A platform with its own database and its own Redis server, which a test may kill,
+    restart or flush without disturbing any other test."""
+
+    def __init__(self, services: Services, var_dir: Path, extra_env: dict[str, str] | None = None):
+        from spool import db, embedded
+
+        self.services = services
+        url = services.create_database()
+        db.upgrade(url)
+        self.redis_port = embedded.free_port()
+        self.redis = embedded.start_redis(var_dir, port=self.redis_port)
+        super().__init__(url, self.redis.url, var_dir, extra_env)
+
+    def redis_client(self):
+        import redis
+
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+    def kill_redis(self) -> None:
+        self.redis.process.kill()
+        self.redis.process.wait(10)
+
+    def restart_redis(self) -> None:
+        from spool import embedded
+
+        self.redis = embedded.start_redis(self.var_dir, port=self.redis_port)
+
+    def user(self, name: str | None = None) -> str:
+        out = subprocess.run(
+            SPOOL + ["users", "create", name or f"u_{uuid.uuid4().hex[:8]}"],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        return out.stdout.strip().splitlines()[-1]
+
+    def sql(self, query: str, **params: Any) -> list[Any]:
+        from spool.db import normalize_url
+
+        eng = create_engine(normalize_url(self.database_url), poolclass=NullPool)
+        try:
+            with eng.begin() as conn:
+                return list(conn.execute(text(query), params))
+        finally:
+            eng.dispose()
+
+    def close(self) -> None:
+        self.stop()
+        self.redis.stop()
+        self.services.drop_database(self.database_url)
