@@ -79,6 +79,10 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
                 )
         return None
 
+    from api import observability
+
+    observability.install(app)
+
     @app.after_request
     def _add_request_id(resp):
         resp.headers["X-Request-ID"] = g.get("request_id", "")

@@ -14,7 +14,7 @@ from api.auth import principal
 from api.extensions import limiter
 from api.parsing import Blueprint
 from api.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema
-from spool import db, dispatch, jobs
+from spool import db, dispatch, jobs, metrics
 from spool.models import Job
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Jobs")
@@ -88,6 +88,7 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
             idempotency.release(p.user_id, key)
         raise
     dispatch.send(jobs.messages([row]))
+    metrics.JOBS_SUBMITTED.labels(row["kind"], row["model"]).inc()
     wait_s = prefer_wait()
     status = 202
     if wait_s and waiting.wait_terminal(row["id"], wait_s):
@@ -154,11 +155,16 @@ def cancel(job_id: str):
         job = jobs.visible(s, job_id, p.user_id, p.is_admin)
         if job is None:
             raise errors.not_found("job")
+        stage = job.status
         try:
             job = jobs.cancel(s, job)
         except jobs.Conflict as exc:
             raise errors.ApiError(409, str(exc), "job_finished") from exc
     jobs.announce_cancel(job)
+    if stage in ("queued", "running"):
+        metrics.JOBS_CANCELED.labels(job.model, stage).inc()
+        if job.status == "canceled":
+            metrics.observe_job_finished(job.kind, job.model, "canceled", None)
     return job_response(job_id)
 
 

@@ -140,6 +140,12 @@ def api(port: int | None, host: str | None, n_workers: int | None) -> None:
     from spool import db as dbm
 
     dbm.require_head()
+    from spool import metrics
+
+    # gunicorn runs several processes: /metrics must sum them (prometheus multiprocess mode).
+    metrics.setup_multiproc_dir(
+        os.environ.get(metrics.MULTIPROC_ENV) or s.var_dir / "prometheus" / f"api-{port or s.port}"
+    )
     args = [
         sys.executable, "-m", "gunicorn", "-c", str(Path(__file__).parent.parent / "api" / "gunicorn_conf.py"),
         "--bind", f"{host or s.host}:{port or s.port}",

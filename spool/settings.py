@@ -78,6 +78,7 @@ class Settings:
     webhook_allow_private: bool = False
     torch_threads: int = 0
     broker_visibility_timeout_s: int = 300
+    metrics_port: int = 9750
 
     @property
     def production(self) -> bool:
@@ -142,6 +143,7 @@ def from_env() -> Settings:
         webhook_allow_private=parse_bool(os.environ.get("SPOOL_WEBHOOK_ALLOW_PRIVATE")),
         torch_threads=_int("SPOOL_TORCH_THREADS", 0),
         broker_visibility_timeout_s=_int("SPOOL_BROKER_VISIBILITY_TIMEOUT_S", 300),
+        metrics_port=_int("SPOOL_METRICS_PORT", 9750),
     ).validate()
 
 

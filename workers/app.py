@@ -9,7 +9,7 @@ import threading
 
 from celery import signals
 
-from spool import db, dispatch, redisconn, settings, workers_online
+from spool import db, dispatch, metrics, redisconn, settings, workers_online
 
 log = logging.getLogger("spool.worker")
 
@@ -61,6 +61,12 @@ def _liveness_loop() -> None:
 def _ready(**_: object) -> None:
     db.require_head()
     threading.Thread(target=_liveness_loop, name="spool-liveness", daemon=True).start()
+    port = settings.get().metrics_port
+    try:
+        if metrics.start_worker_metrics_server(port):
+            log.info("worker metrics on :%d/metrics", port)
+    except OSError as exc:  # another worker on this host has the port: run without
+        log.warning("worker metrics port %d unavailable: %s", port, exc)
     log.info("worker %s ready for models %s", WORKER_NAME, served_models() or "(none)")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from spool import db, events, settings
+from spool import db, events, metrics, settings
 from spool.states import Status
 
 
@@ -38,7 +38,8 @@ CLAIM_SQL = text(
     WHERE id = :id AND attempts < max_attempts AND (
         (status = 'queued' AND (expires_at IS NULL OR expires_at > now()))
         OR (status = 'running' AND lease_expires_at < now()))
-    RETURNING kind, model, input, attempts, timeout_s, user_id
+    RETURNING kind, model, input, attempts, timeout_s, user_id,
+        EXTRACT(EPOCH FROM now() - COALESCE(sent_at, created_at)) AS waited_s
     """
 )
 
@@ -53,6 +54,7 @@ def claim(job_id: str, worker: str) -> Claim | None:
     if row is None:
         return None
     events.publish_status(job_id, Status.RUNNING, {"attempt": row.attempts})
+    metrics.observe_job_started(row.kind, row.model, float(row.waited_s or 0))
     return Claim(job_id, tok, row.kind, row.model, row.input, row.attempts, row.timeout_s,
                  row.user_id)
 
@@ -87,7 +89,7 @@ def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | No
                 "error = CAST(:error AS jsonb), finished_at = now(), updated_at = now(), "
                 "lease_expires_at = NULL "
                 "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
-                "RETURNING id"
+                "RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s"
             ),
             {
                 "id": c.job_id, "tok": c.token, "status": status,
@@ -99,4 +101,5 @@ def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | No
         return False
     extra: dict[str, Any] = {"error": error} if error else {}
     events.publish_status(c.job_id, status, extra)
+    metrics.observe_job_finished(c.kind, c.model, status, float(row.run_s or 0))
     return True

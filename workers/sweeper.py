@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from spool import db, dispatch, events, redisconn, settings
+from spool import db, dispatch, events, metrics, redisconn, settings
 from spool.states import Status
 from workers.app import app
 
@@ -33,9 +33,12 @@ STALE_MARKER_S = 3600.0
 TIMEOUT_GRACE_S = 10
 
 
-def _publish_all(rows: list[Any], status: str, error: dict | None = None) -> None:
+def _publish_all(rows: list[Any], status: str) -> None:
     for r in rows:
-        events.publish_status(r.id, status, {"error": error} if error else None)
+        events.publish_status(r.id, status)
+        metrics.observe_job_finished(r.kind, r.model, status, None)
+        if status == Status.EXPIRED:
+            metrics.JOBS_EXPIRED.labels(r.model).inc()
 
 
 def _terminal_updates(s) -> dict[str, int]:
@@ -43,7 +46,7 @@ def _terminal_updates(s) -> dict[str, int]:
     expired = s.execute(text(
         "UPDATE jobs SET status = 'expired', finished_at = now(), updated_at = now(), "
         "error = '{\"code\": \"expired\", \"message\": \"ttl_s ran out before the job started\"}' "
-        "WHERE status = 'queued' AND expires_at < now() RETURNING id"
+        "WHERE status = 'queued' AND expires_at < now() RETURNING id, kind, model"
     )).all()
     _publish_all(expired, Status.EXPIRED)
     timed_out = s.execute(text(
@@ -51,13 +54,13 @@ def _terminal_updates(s) -> dict[str, int]:
         "lease_expires_at = NULL, error = jsonb_build_object('code', 'timeout', 'message', "
         "'job ran past its timeout of ' || timeout_s || ' s') "
         "WHERE status IN ('running', 'canceling') "
-        "AND started_at + make_interval(secs => timeout_s + :grace) < now() RETURNING id"
+        "AND started_at + make_interval(secs => timeout_s + :grace) < now() RETURNING id, kind, model"
     ), {"grace": TIMEOUT_GRACE_S}).all()
     _publish_all(timed_out, Status.FAILED)
     canceled = s.execute(text(
         "UPDATE jobs SET status = 'canceled', finished_at = now(), updated_at = now(), "
         "lease_expires_at = NULL, error = '{\"code\": \"canceled\", \"message\": \"canceled\"}' "
-        "WHERE status = 'canceling' AND lease_expires_at < now() RETURNING id"
+        "WHERE status = 'canceling' AND lease_expires_at < now() RETURNING id, kind, model"
     )).all()
     _publish_all(canceled, Status.CANCELED)
     lost = s.execute(text(
@@ -65,7 +68,7 @@ def _terminal_updates(s) -> dict[str, int]:
         "lease_expires_at = NULL, error = jsonb_build_object('code', 'worker_lost', 'message', "
         "'the worker died ' || attempts || ' times while running this job') "
         "WHERE status = 'running' AND lease_expires_at < now() AND attempts >= max_attempts "
-        "RETURNING id"
+        "RETURNING id, kind, model"
     )).all()
     _publish_all(lost, Status.FAILED)
     counts.update(expired=len(expired), timed_out=len(timed_out), canceled=len(canceled),
@@ -78,10 +81,11 @@ def _requeue_lost_workers(s) -> list[dispatch.Message]:
         "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_expires_at = NULL, "
         "worker = NULL, sent_at = now(), updated_at = now() "
         "WHERE status = 'running' AND lease_expires_at < now() AND attempts < max_attempts "
-        "RETURNING id, queue, priority_rank, timeout_s"
+        "RETURNING id, queue, priority_rank, timeout_s, model"
     )).all()
     for r in rows:
         events.publish_status(r.id, Status.QUEUED, {"reason": "worker_lost"})
+        metrics.JOB_RETRIES.labels(r.model, "worker_lost").inc()
     return [dispatch.Message(r.id, r.queue, r.priority_rank, r.timeout_s) for r in rows]
 
 
@@ -89,7 +93,7 @@ def _unsent(s, r: redis.Redis) -> list[dispatch.Message]:
     """Queued jobs whose message is gone from Redis (or was never sent)."""
     grace = settings.get().resend_grace_s
     rows = s.execute(text(
-        "SELECT id, queue, priority_rank, timeout_s FROM jobs "
+        "SELECT id, queue, priority_rank, timeout_s, model FROM jobs "
         "WHERE status = 'queued' AND sent_at < now() - make_interval(secs => :grace) "
         "ORDER BY sent_at LIMIT :n"
     ), {"grace": grace, "n": CHUNK}).all()
@@ -101,6 +105,7 @@ def _unsent(s, r: redis.Redis) -> list[dispatch.Message]:
     for row, mark in zip(rows, markers, strict=True):
         if mark is None or now - float(mark) > STALE_MARKER_S:
             out.append(dispatch.Message(row.id, row.queue, row.priority_rank, row.timeout_s))
+            metrics.JOB_RETRIES.labels(row.model, "lost_message").inc()
     return out
 
 

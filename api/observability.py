@@ -1,0 +1,80 @@
+"""Per-request metrics and logs, and the live gauges /metrics reads at scrape time."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import structlog
+from flask import Flask, g, request
+from sqlalchemy import func, select, text
+
+from spool import db, metrics, redisconn, registry, workers_online
+from spool.models import Job
+
+log = logging.getLogger("spool.api.access")
+_live_registered = False
+
+
+def _count_by_model(statuses: tuple[str, ...]) -> dict[str, float]:
+    with db.session() as s, s.begin():
+        s.execute(text("SET LOCAL statement_timeout = 1000"))
+        rows = s.execute(
+            select(Job.model, func.count()).where(Job.status.in_(statuses)).group_by(Job.model)
+        ).all()
+    return {model: float(n) for model, n in rows}
+
+
+def _queue_lengths() -> dict[str, float]:
+    # Celery keeps one Redis list per priority step (celery_config: sep ":", steps 0/3/6).
+    r = redisconn.client()
+    queues = [spec.queue for spec in registry.models().values()] + ["spool.cpu"]
+    with r.pipeline(transaction=False) as pipe:
+        for q in queues:
+            for key in (q, f"{q}:3", f"{q}:6"):
+                pipe.llen(key)
+        lengths = pipe.execute()
+    return {q: float(sum(lengths[i * 3:(i + 1) * 3])) for i, q in enumerate(queues)}
+
+
+def live_collector() -> metrics.LiveCollector:
+    return metrics.LiveCollector({
+        "jobs_queued": lambda: _count_by_model(("queued",)),
+        "jobs_running": lambda: _count_by_model(("running", "canceling")),
+        "workers_online": lambda: workers_online.counts(list(registry.models())),
+        "queue_length": _queue_lengths,
+    })
+
+
+def install(app: Flask) -> None:
+    global _live_registered
+    if not _live_registered:  # once per process, however many apps tests create
+        metrics.add_scrape_collector(live_collector())
+        _live_registered = True
+
+    @app.before_request
+    def _start() -> None:
+        g.t0 = time.perf_counter()
+        metrics.HTTP_IN_FLIGHT.inc()
+        structlog.contextvars.bind_contextvars(request_id=g.get("request_id"))
+
+    @app.after_request
+    def _observe(resp):
+        elapsed = time.perf_counter() - g.get("t0", time.perf_counter())
+        endpoint = request.url_rule.rule if request.url_rule else "<unmatched>"
+        if request.args.get("wait") or request.headers.get("Prefer", "").startswith("wait"):
+            endpoint += " wait"
+        metrics.observe_request(endpoint, request.method, resp.status_code, elapsed)
+        if request.path != "/metrics":
+            log.info("request", extra={
+                "method": request.method, "path": request.path, "status": resp.status_code,
+                "ms": round(elapsed * 1000, 2), "request_id": g.get("request_id"),
+                "user_id": g.get("user_id"),
+            })
+        return resp
+
+    @app.teardown_request
+    def _done(_exc: BaseException | None) -> None:
+        if "t0" in g:
+            metrics.HTTP_IN_FLIGHT.dec()
+        structlog.contextvars.unbind_contextvars("request_id")
