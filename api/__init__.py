@@ -42,8 +42,9 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
         API_SPEC_OPTIONS={
             "components": {
-                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                                "bearerFormat": "JWT"}}
+                "securitySchemes": {
+                    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+                }
             },
             "security": [{"bearer": []}],
         },
@@ -74,7 +75,8 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
                 allowed.add("application/x-ndjson")
             if request.mimetype not in allowed:
                 return errors.respond(
-                    415, f"Content-Type must be {' or '.join(sorted(allowed))}",
+                    415,
+                    f"Content-Type must be {' or '.join(sorted(allowed))}",
                     details={"Content-Type": [request.mimetype or "missing"]},
                 )
         return None

@@ -37,8 +37,14 @@ CODES = {
 class ApiError(Exception):
     """A domain error with its HTTP status (raise it from views)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 details: Any = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        details: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -61,12 +67,22 @@ class ErrorSchema(ma.Schema):
 
 
 def body(status: int, message: str, code: str | None = None, details: Any = None) -> dict:
-    return {"error": {"code": code or CODES.get(status, "error"), "message": message,
-                      "details": details}}
+    return {
+        "error": {
+            "code": code or CODES.get(status, "error"),
+            "message": message,
+            "details": details,
+        }
+    }
 
 
-def respond(status: int, message: str, code: str | None = None, details: Any = None,
-            headers: dict[str, str] | None = None):
+def respond(
+    status: int,
+    message: str,
+    code: str | None = None,
+    details: Any = None,
+    headers: dict[str, str] | None = None,
+):
     resp = jsonify(body(status, message, code, details))
     resp.status_code = status
     for k, v in (headers or {}).items():
@@ -105,7 +121,7 @@ def handle_http(error: HTTPException):
     if status == 429:
         message = f"rate limit exceeded: {error.description}"
     resp = respond(status, message, headers=headers)
-    for k, v in (error.get_headers() or []):
+    for k, v in error.get_headers() or []:
         if k.lower() not in ("content-type", "content-length"):
             resp.headers[k] = v
     return resp
@@ -120,8 +136,12 @@ def install(app: Flask) -> None:
     @app.errorhandler(DBAPIError)
     def _db_down(exc: Exception):
         log.warning("database unavailable: %s", exc)
-        return respond(503, "database unavailable; nothing was accepted", "database_unavailable",
-                       headers={"Retry-After": "5"})
+        return respond(
+            503,
+            "database unavailable; nothing was accepted",
+            "database_unavailable",
+            headers={"Retry-After": "5"},
+        )
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: Exception):

@@ -15,7 +15,7 @@ class SpoolApi(Api):
 
     ERROR_SCHEMA = errors.ErrorSchema
 
-    def handle_http_exception(self, error):  # type: ignore[override]
+    def handle_http_exception(self, error):
         return errors.handle_http(error)
 
 
@@ -32,5 +32,10 @@ def rate_limit_key() -> str:
 
 jwt = JWTManager()
 api = SpoolApi()
-limiter = Limiter(rate_limit_key, headers_enabled=True, swallow_errors=True,
-                  strategy="fixed-window", key_prefix="spool-rl")
+limiter = Limiter(
+    rate_limit_key,
+    headers_enabled=True,
+    swallow_errors=True,
+    strategy="fixed-window",
+    key_prefix="spool-rl",
+)

@@ -32,8 +32,11 @@ def request_hash(path: str, body: bytes) -> str:
 def claim(user_id: str, key: str, req_hash: str, rtype: str) -> str | None:
     """None: go ahead and create. A string: the id created earlier by this key."""
     if not key or len(key) > MAX_KEY_LEN:
-        raise ApiError(422, "Idempotency-Key must be 1-255 characters",
-                       details={"Idempotency-Key": ["must be 1-255 characters"]})
+        raise ApiError(
+            422,
+            "Idempotency-Key must be 1-255 characters",
+            details={"Idempotency-Key": ["must be 1-255 characters"]},
+        )
     now = datetime.now(UTC)
     with db.transaction() as s:
         inserted = s.execute(
@@ -57,12 +60,19 @@ def claim(user_id: str, key: str, req_hash: str, rtype: str) -> str | None:
             row.resource_id, row.created_at = None, now
             return None
         if row.request_hash != req_hash or row.resource_type != rtype:
-            raise ApiError(422, "Idempotency-Key was already used with a different request",
-                           "idempotency_key_reused",
-                           details={"Idempotency-Key": ["used with a different request body"]})
+            raise ApiError(
+                422,
+                "Idempotency-Key was already used with a different request",
+                "idempotency_key_reused",
+                details={"Idempotency-Key": ["used with a different request body"]},
+            )
         if row.resource_id is None:
-            raise ApiError(409, "a request with this Idempotency-Key is still being processed",
-                           "idempotency_in_progress", headers={"Retry-After": "1"})
+            raise ApiError(
+                409,
+                "a request with this Idempotency-Key is still being processed",
+                "idempotency_in_progress",
+                headers={"Retry-After": "1"},
+            )
         return row.resource_id
 
 
@@ -85,4 +95,3 @@ def release(user_id: str, key: str) -> None:
                 IdempotencyKey.resource_id.is_(None),
             )
         )
-

@@ -76,9 +76,12 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
         cap = current_app.config["SPOOL"].max_queued_per_user
         with db.transaction() as s:
             if jobs.queued_count(s, p.user_id) >= cap:
-                raise errors.ApiError(429, f"you have {cap} queued jobs, the most allowed; "
-                                      "wait for some to finish", "too_many_queued",
-                                      headers={"Retry-After": "10"})
+                raise errors.ApiError(
+                    429,
+                    f"you have {cap} queued jobs, the most allowed; wait for some to finish",
+                    "too_many_queued",
+                    headers={"Retry-After": "10"},
+                )
             row = jobs.new_row(p.user_id, req)
             jobs.insert_rows(s, [row])
             if key is not None:
@@ -124,7 +127,9 @@ class Jobs(MethodView):
             try:
                 stmt = stmt.where(Job.seq < int(q["cursor"]))
             except ValueError as exc:
-                raise errors.ApiError(422, "invalid cursor", details={"cursor": ["invalid"]}) from exc
+                raise errors.ApiError(
+                    422, "invalid cursor", details={"cursor": ["invalid"]}
+                ) from exc
         with db.session() as s:
             rows = list(s.scalars(stmt))
             more = len(rows) > q["limit"]

@@ -34,16 +34,18 @@ def _queue_lengths() -> dict[str, float]:
             for key in (q, f"{q}:3", f"{q}:6"):
                 pipe.llen(key)
         lengths = pipe.execute()
-    return {q: float(sum(lengths[i * 3:(i + 1) * 3])) for i, q in enumerate(queues)}
+    return {q: float(sum(lengths[i * 3 : (i + 1) * 3])) for i, q in enumerate(queues)}
 
 
 def live_collector() -> metrics.LiveCollector:
-    return metrics.LiveCollector({
-        "jobs_queued": lambda: _count_by_model(("queued",)),
-        "jobs_running": lambda: _count_by_model(("running", "canceling")),
-        "workers_online": lambda: workers_online.counts(list(registry.models())),
-        "queue_length": _queue_lengths,
-    })
+    return metrics.LiveCollector(
+        {
+            "jobs_queued": lambda: _count_by_model(("queued",)),
+            "jobs_running": lambda: _count_by_model(("running", "canceling")),
+            "workers_online": lambda: workers_online.counts(list(registry.models())),
+            "queue_length": _queue_lengths,
+        }
+    )
 
 
 def install(app: Flask) -> None:
@@ -66,11 +68,17 @@ def install(app: Flask) -> None:
             endpoint += " wait"
         metrics.observe_request(endpoint, request.method, resp.status_code, elapsed)
         if request.path != "/metrics":
-            log.info("request", extra={
-                "method": request.method, "path": request.path, "status": resp.status_code,
-                "ms": round(elapsed * 1000, 2), "request_id": g.get("request_id"),
-                "user_id": g.get("user_id"),
-            })
+            log.info(
+                "request",
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": resp.status_code,
+                    "ms": round(elapsed * 1000, 2),
+                    "request_id": g.get("request_id"),
+                    "user_id": g.get("user_id"),
+                },
+            )
         return resp
 
     @app.teardown_request

@@ -37,8 +37,13 @@ def readyz():
     except Exception as exc:
         down["redis"] = str(exc)[:200]
     if down:
-        return {"error": {"code": "unavailable", "message": "not ready: " + ", ".join(sorted(down))
-                          + " down", "details": down}}, 503
+        return {
+            "error": {
+                "code": "unavailable",
+                "message": "not ready: " + ", ".join(sorted(down)) + " down",
+                "details": down,
+            }
+        }, 503
     return {"status": "ready"}
 
 
@@ -66,8 +71,13 @@ def list_models():
         )
     online = workers_online.counts(list(specs), now=time.time())
     return [
-        {"name": spec.name, "kind": spec.kind, "queue": spec.queue,
-         "workers_online": online.get(spec.name, 0), "queued": queued.get(spec.name, 0),
-         "limits": spec.limits}
+        {
+            "name": spec.name,
+            "kind": spec.kind,
+            "queue": spec.queue,
+            "workers_online": online.get(spec.name, 0),
+            "queued": queued.get(spec.name, 0),
+            "limits": spec.limits,
+        }
         for spec in specs.values()
     ]

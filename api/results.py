@@ -35,8 +35,11 @@ def result_response(job_id: str, wait_s: float):
     if is_terminal(job.status):
         return {"id": job.id, "status": job.status, "error": job.error}, 409
     retry_after = "1" if job.status != Status.QUEUED else "2"
-    return ({"id": job.id, "status": job.status, "progress": serialize.progress(job.progress)},
-            202, {"Retry-After": retry_after})
+    return (
+        {"id": job.id, "status": job.status, "progress": serialize.progress(job.progress)},
+        202,
+        {"Retry-After": retry_after},
+    )
 
 
 @blp.route("/result/<job_id>")
@@ -47,7 +50,7 @@ def result_response(job_id: str, wait_s: float):
 @blp.alt_response(202, schema=ResultSchema, description="queued or running")
 @blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")
 def result(q: dict[str, Any], job_id: str):
-    """The job's result: 202 while it runs, 200 when done, 409 when it failed. `?wait=N` long-polls."""
+    """The job's result: 202 while running, 200 when done, 409 if it failed; `?wait=N` long-polls."""
     return result_response(job_id, q["wait"])
 
 

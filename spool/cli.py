@@ -18,6 +18,7 @@ def cli() -> None:
 
 # --- database and users ----------------------------------------------------------------
 
+
 @cli.group()
 def db() -> None:
     """Database schema (Alembic)."""
@@ -104,6 +105,7 @@ def users_key(name: str) -> None:
 
 # --- models ------------------------------------------------------------------------------
 
+
 @cli.group()
 def models() -> None:
     """The model registry and the tiny test models."""
@@ -130,6 +132,7 @@ def models_list() -> None:
 
 # --- processes ---------------------------------------------------------------------------
 
+
 @cli.command()
 @click.option("--port", type=int, default=None, help="default SPOOL_PORT or 8000")
 @click.option("--host", default=None, help="default SPOOL_HOST or 127.0.0.1")
@@ -147,23 +150,40 @@ def api(port: int | None, host: str | None, n_workers: int | None) -> None:
         os.environ.get(metrics.MULTIPROC_ENV) or s.var_dir / "prometheus" / f"api-{port or s.port}"
     )
     args = [
-        sys.executable, "-m", "gunicorn", "-c", str(Path(__file__).parent.parent / "api" / "gunicorn_conf.py"),
-        "--bind", f"{host or s.host}:{port or s.port}",
-        "--workers", str(n_workers or s.api_workers),
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        str(Path(__file__).parent.parent / "api" / "gunicorn_conf.py"),
+        "--bind",
+        f"{host or s.host}:{port or s.port}",
+        "--workers",
+        str(n_workers or s.api_workers),
         "api.wsgi:app",
     ]
     os.execv(sys.executable, args)
 
 
 @cli.command()
-@click.option("--models", "model_names", default=None,
-              help="comma-separated models to serve (default: every model in the registry)")
-@click.option("--queues", default=None,
-              help="extra queues, e.g. spool.cpu (webhooks, sweeper). Alone, without "
-                   "--models: a housekeeping worker serving no model")
+@click.option(
+    "--models",
+    "model_names",
+    default=None,
+    help="comma-separated models to serve (default: every model in the registry)",
+)
+@click.option(
+    "--queues",
+    default=None,
+    help="extra queues, e.g. spool.cpu (webhooks, sweeper). Alone, without "
+    "--models: a housekeeping worker serving no model",
+)
 @click.option("--concurrency", type=int, default=None, help="jobs in flight per process")
-@click.option("--pool", default="threads", type=click.Choice(["threads", "prefork", "solo"]),
-              help="threads: one process per GPU keeps one warm copy of each model")
+@click.option(
+    "--pool",
+    default="threads",
+    type=click.Choice(["threads", "prefork", "solo"]),
+    help="threads: one process per GPU keeps one warm copy of each model",
+)
 def worker(model_names: str | None, queues: str | None, concurrency: int | None, pool: str) -> None:
     """Run a Celery worker for some models' queues."""
     from spool import registry
@@ -186,11 +206,23 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     from workers.app import app
 
     conc = concurrency or settings.get().worker_concurrency
-    app.worker_main([
-        "worker", "-Q", ",".join(qs), "-c", str(conc), "-P", pool,
-        "-n", f"spool-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-        "-l", settings.get().log_level,
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            ",".join(qs),
+            "-c",
+            str(conc),
+            "-P",
+            pool,
+            "-n",
+            f"spool-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            settings.get().log_level,
+        ]
+    )
 
 
 @cli.command()
@@ -224,7 +256,7 @@ def worker_check() -> None:
 @click.option("--port", type=int, default=None, help="API port (default SPOOL_PORT or 8000)")
 @click.option("--no-tiny", is_flag=True, help="do not build the tiny models")
 def up(port: int | None, no_tiny: bool) -> None:
-    """Start the whole platform: embedded PostgreSQL/Redis when no URLs are set, API, worker, beat."""
+    """Start the whole platform: API, worker, beat (and embedded PostgreSQL/Redis if no URLs)."""
     from spool import stack
 
     stack.run_up(port=port, build_tiny=not no_tiny)
@@ -247,4 +279,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -70,6 +70,10 @@ def send(messages: Iterable[Message]) -> list[str]:
                 )
                 sent.append(m.job_id)
     except (redis.RedisError, KombuError, OSError) as exc:
-        log.warning("sent %d of %d job messages, the sweeper sends the rest: %s",
-                    len(sent), len(messages), exc)
+        log.warning(
+            "sent %d of %d job messages, the sweeper sends the rest: %s",
+            len(sent),
+            len(messages),
+            exc,
+        )
     return sent

@@ -73,9 +73,23 @@ def start_redis(var_dir: Path, port: int | None = None, persist: bool = True) ->
     data = var_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    cmd = [redis_executable(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-           "--save", "", "--appendonly", "yes" if persist else "no",
-           "--maxmemory-policy", "noeviction", "--protected-mode", "no"]
+    cmd = [
+        redis_executable(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if persist else "no",
+        "--maxmemory-policy",
+        "noeviction",
+        "--protected-mode",
+        "no",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5)

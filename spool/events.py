@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -35,7 +35,9 @@ class Event:
     data: dict[str, Any]
 
 
-def publish(job_id: str, type_: str, data: dict[str, Any], client: redis.Redis | None = None) -> None:
+def publish(
+    job_id: str, type_: str, data: dict[str, Any], client: redis.Redis | None = None
+) -> None:
     """Append an event; never raises (Redis down must not fail a state change)."""
     r = client or redisconn.client()
     key = stream_key(job_id)
@@ -57,7 +59,7 @@ def publish_status(job_id: str, status: str, extra: dict[str, Any] | None = None
 
 def last_id(job_id: str, client: redis.Redis | None = None) -> str:
     r = client or redisconn.client()
-    entries = r.xrevrange(stream_key(job_id), count=1)
+    entries = cast(list[Any], r.xrevrange(stream_key(job_id), count=1))
     return entries[0][0] if entries else "0-0"
 
 
@@ -75,13 +77,13 @@ def _decode(entries: list[Any]) -> list[Event]:
 def history(job_id: str, after: str = "-", client: redis.Redis | None = None) -> list[Event]:
     r = client or redisconn.client()
     start = "-" if after in ("-", "0-0", "") else f"({after}"
-    return _decode(r.xrange(stream_key(job_id), min=start))
+    return _decode(cast(list[Any], r.xrange(stream_key(job_id), min=start)))
 
 
 def wait(job_id: str, after: str, block_s: float) -> list[Event]:
     """Block until an event newer than `after` arrives, or block_s passes."""
     r = redisconn.blocking_client()
-    res = r.xread({stream_key(job_id): after}, block=max(1, int(block_s * 1000)), count=500)
+    res: Any = r.xread({stream_key(job_id): after}, block=max(1, int(block_s * 1000)), count=500)
     if not res:
         return []
     return _decode(res[0][1])

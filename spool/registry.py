@@ -40,6 +40,16 @@ class ModelSpec:
     def queue(self) -> str:
         return queue_name(self.name)
 
+    def limit(self, key: str, fallback: Any = None) -> Any:
+        """One of the model's input limits (e.g. `max_width`), or `fallback` if it sets none."""
+        value = self.limits.get(key)
+        return fallback if value is None else value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Input values used when a job leaves them out (the entry's `defaults` mapping)."""
+        return dict(self.options.get("defaults") or {})
+
     def resolved_source(self, base: Path) -> str:
         """A relative local path is relative to the var dir; a hub id stays as it is."""
         src = self.source.replace("${SPOOL_VAR_DIR}", str(base))

@@ -137,7 +137,9 @@ def from_env() -> Settings:
         max_timeout_s=_int("SPOOL_MAX_TIMEOUT_S", 24 * 3600),
         result_retention_s=_int("SPOOL_RESULT_RETENTION_S", 7 * 24 * 3600),
         log_level=_env("SPOOL_LOG_LEVEL", "INFO").upper(),
-        log_format=_env("SPOOL_LOG_FORMAT", "json" if _env("SPOOL_ENV", "") == "production" else "console"),
+        log_format=_env(
+            "SPOOL_LOG_FORMAT", "json" if _env("SPOOL_ENV", "") == "production" else "console"
+        ),
         models_file=_env("SPOOL_MODELS_FILE", ""),
         artifacts_url=_env("SPOOL_ARTIFACTS_URL", str(var_dir / "artifacts")),
         webhook_allow_private=parse_bool(os.environ.get("SPOOL_WEBHOOK_ALLOW_PRIVATE")),

@@ -81,6 +81,7 @@ def run_up(port: int | None = None, build_tiny: bool = True) -> None:
 
     me = [sys.executable, "-m", "spool.cli"]
     children: list[subprocess.Popen] = []
+    names: dict[int, str] = {}
     stopping = False
 
     def stop(*_: object) -> None:
@@ -92,6 +93,7 @@ def run_up(port: int | None = None, build_tiny: bool = True) -> None:
     try:
         for cmd in (["api"], ["worker"], ["beat"]):
             children.append(subprocess.Popen(me + cmd, env=env))
+            names[children[-1].pid] = cmd[0]
         click.echo(
             f"\nSpool is up: http://{s.host}:{port}  (docs: /docs)\n"
             f"development API key (also in {var / 'dev-api-key'}):\n{key}\n"
@@ -100,7 +102,9 @@ def run_up(port: int | None = None, build_tiny: bool = True) -> None:
         while not stopping:
             for child in children:
                 if child.poll() is not None:
-                    click.echo(f"{' '.join(child.args[3:])} exited with {child.returncode}; stopping")
+                    click.echo(
+                        f"spool {names[child.pid]} exited with {child.returncode}; stopping"
+                    )
                     stopping = True
             time.sleep(0.3)
     finally:

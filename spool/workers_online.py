@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import redis
 
@@ -45,5 +46,5 @@ def counts(models: list[str], now: float | None = None) -> dict[str, int]:
 
 
 def alive(worker: str, model: str, now: float | None = None) -> bool:
-    score = redisconn.client().zscore(KEY.format(model), worker)
+    score = cast(float | None, redisconn.client().zscore(KEY.format(model), worker))
     return score is not None and score > (now or time.time()) - STALE_S

@@ -50,8 +50,9 @@ def redis_client(database_url: str):
 
 
 @pytest.fixture(scope="session")
-def platform(database_url: str, services: support.Services,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[support.Platform]:
+def platform(
+    database_url: str, services: support.Services, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[support.Platform]:
     """The shared platform: API, one worker for every model, beat."""
     p = support.Platform(database_url, services.redis_url, tmp_path_factory.mktemp("var"))
     try:

@@ -7,6 +7,7 @@ at the machine's servers); otherwise the embedded ones are started, exactly as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -41,16 +42,19 @@ class Services:
         with eng.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         eng.dispose()
-        return make_url(normalize_url(self.server_url)).set(database=name).render_as_string(
-            hide_password=False
+        return (
+            make_url(normalize_url(self.server_url))
+            .set(database=name)
+            .render_as_string(hide_password=False)
         )
 
     def drop_database(self, url: str) -> None:
         from spool.db import normalize_url
 
         name = make_url(url).database
-        eng = create_engine(normalize_url(self.server_url), isolation_level="AUTOCOMMIT",
-                            poolclass=NullPool)
+        eng = create_engine(
+            normalize_url(self.server_url), isolation_level="AUTOCOMMIT", poolclass=NullPool
+        )
         try:
             with eng.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -92,8 +96,14 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.args, self.log = args, log
         self._fh = log.open("ab")
-        self.p = subprocess.Popen(args, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
-                                  start_new_session=True, cwd=ROOT)
+        self.p = subprocess.Popen(
+            args,
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+        )
 
     @property
     def pid(self) -> int:
@@ -104,10 +114,8 @@ class Proc:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.p.pid, sig)
-            except ProcessLookupError:
-                pass
         try:
             self.p.wait(10)
         except subprocess.TimeoutExpired:
@@ -154,8 +162,13 @@ FAST_ENV = {
 class Platform:
     """API, workers and beat as real processes against the test database and Redis."""
 
-    def __init__(self, database_url: str, redis_url: str, var_dir: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        redis_url: str,
+        var_dir: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.database_url, self.redis_url, self.var_dir = database_url, redis_url, var_dir
         self.extra_env = extra_env or {}
         self.procs: list[Proc] = []
@@ -171,8 +184,12 @@ class Platform:
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPOOL_")}
         env.update(FAST_ENV)
-        env.update(DATABASE_URL=self.database_url, REDIS_URL=self.redis_url,
-                   SPOOL_VAR_DIR=str(self.var_dir), SPOOL_PORT=str(self.port))
+        env.update(
+            DATABASE_URL=self.database_url,
+            REDIS_URL=self.redis_url,
+            SPOOL_VAR_DIR=str(self.var_dir),
+            SPOOL_PORT=str(self.port),
+        )
         env.update(self.extra_env)
         env.update(overrides)
         return env
@@ -188,8 +205,9 @@ class Platform:
         self.wait_ready()
         return self.api
 
-    def start_worker(self, models: str | None = None, queues: str | None = None,
-                     **env: str) -> Proc:
+    def start_worker(
+        self, models: str | None = None, queues: str | None = None, **env: str
+    ) -> Proc:
         args = ["worker"]
         if models:
             args += ["--models", models]
@@ -271,10 +289,12 @@ class Api:
         kw.setdefault("timeout", 70)
         return self.s.post(self.base + path, **kw)
 
-    def submit(self, input: dict | None = None, kind: str = "echo", model: str = "echo",
-               **fields: Any) -> dict:
-        r = self.post("/v1/jobs", json={"kind": kind, "model": model, "input": input or {},
-                                        **fields})
+    def submit(
+        self, input: dict | None = None, kind: str = "echo", model: str = "echo", **fields: Any
+    ) -> dict:
+        r = self.post(
+            "/v1/jobs", json={"kind": kind, "model": model, "input": input or {}, **fields}
+        )
         assert r.status_code == 202, r.text
         return r.json()
 
@@ -284,8 +304,9 @@ class Api:
             r = self.get(f"/result/{job_id}", params={"wait": min(20, timeout)})
             if r.status_code != 202:
                 return self.get(f"/v1/jobs/{job_id}").json()
-        raise AssertionError(f"job {job_id} did not finish in {timeout}s: "
-                             f"{self.get(f'/v1/jobs/{job_id}').json()}")
+        raise AssertionError(
+            f"job {job_id} did not finish in {timeout}s: {self.get(f'/v1/jobs/{job_id}').json()}"
+        )
 
 
 def wait_until(pred, timeout: float = 30, every: float = 0.1, what: str = "condition"):

@@ -66,13 +66,17 @@ def run_job(job_id: str) -> str:
         status, out, err = Status.FAILED, None, _error("model_load_failed", str(exc))
     except Exception as exc:
         log.exception("job failed", extra={"job_id": job_id})
-        status, out, err = Status.FAILED, None, _error(getattr(exc, "code", "inference_error"),
-                                                        f"{type(exc).__name__}: {exc}")
+        status, out, err = (
+            Status.FAILED,
+            None,
+            _error(getattr(exc, "code", "inference_error"), f"{type(exc).__name__}: {exc}"),
+        )
     finally:
         beat.stop()
     if ctx.lost.is_set() or not lease.finish(c, status, out, err):
-        log.warning("job was taken back before it finished; outcome dropped",
-                    extra={"job_id": job_id})
+        log.warning(
+            "job was taken back before it finished; outcome dropped", extra={"job_id": job_id}
+        )
         return "lost"
     log.info("job finished", extra={"job_id": job_id, "status": status})
     return str(status)

@@ -16,7 +16,9 @@ def err(r: requests.Response) -> dict:
 
 
 def test_token_submit_poll_result(api: support.Api) -> None:
-    r = api.post("/v1/jobs", json={"kind": "echo", "model": "echo", "input": {"value": {"a": [1, 2]}}})
+    r = api.post(
+        "/v1/jobs", json={"kind": "echo", "model": "echo", "input": {"value": {"a": [1, 2]}}}
+    )
     assert r.status_code == 202
     job = r.json()
     assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
@@ -55,8 +57,11 @@ def test_long_poll_wakes_on_completion_not_on_timeout(api: support.Api) -> None:
 
 
 def test_prefer_wait_returns_finished_job(api: support.Api) -> None:
-    r = api.post("/v1/jobs", json={"kind": "echo", "model": "echo", "input": {"value": 7}},
-                 headers={"Prefer": "wait=20"})
+    r = api.post(
+        "/v1/jobs",
+        json={"kind": "echo", "model": "echo", "input": {"value": 7}},
+        headers={"Prefer": "wait=20"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "succeeded" and r.json()["output"] == {"value": 7}
 
@@ -92,8 +97,9 @@ def test_cancel_queued_job_never_runs(platform: support.Platform, api: support.A
 
 def test_cancel_running_job(api: support.Api) -> None:
     job = api.submit({"sleep_s": 30})
-    support.wait_until(lambda: api.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
-                       what="job running")
+    support.wait_until(
+        lambda: api.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="job running"
+    )
     r = api.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 202 and r.json()["status"] in ("canceling", "canceled")
     t0 = time.monotonic()
@@ -144,7 +150,9 @@ def test_validation_names_the_field(api: support.Api) -> None:
     assert r.status_code == 422 and "model" in err(r)["details"]
     r = api.post("/v1/jobs", json={"kind": "echo", "model": "nope", "input": {}})
     assert r.status_code == 422 and "model" in err(r)["details"]
-    r = api.post("/v1/jobs", json={"kind": "echo", "model": "echo", "input": {}, "priority": "urgent"})
+    r = api.post(
+        "/v1/jobs", json={"kind": "echo", "model": "echo", "input": {}, "priority": "urgent"}
+    )
     assert r.status_code == 422 and "priority" in err(r)["details"]
     r = api.post("/v1/jobs", json={"kind": "echo", "model": "echo", "input": {}, "bogus": 1})
     assert r.status_code == 422 and "bogus" in err(r)["details"]
@@ -164,7 +172,11 @@ def test_malformed_json_wrong_type_and_deep_json(api: support.Api) -> None:
 
 
 def test_oversized_body_413(platform: support.Platform, api: support.Api) -> None:
-    big = b'{"kind": "echo", "model": "echo", "input": {"value": "' + b"x" * (65 * 1024 * 1024) + b'"}}'
+    big = (
+        b'{"kind": "echo", "model": "echo", "input": {"value": "'
+        + b"x" * (65 * 1024 * 1024)
+        + b'"}}'
+    )
     r = api.post("/v1/jobs", data=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and err(r)["code"] == "payload_too_large"
 
@@ -198,8 +210,12 @@ def test_revoked_key_token_stops_working(platform: support.Platform) -> None:
 def test_other_users_job_is_404(platform: support.Platform, api: support.Api) -> None:
     job = api.submit({"value": "mine"})
     other = support.Api(platform.url, support.create_user())
-    for path in (f"/v1/jobs/{job['id']}", f"/result/{job['id']}", f"/v1/jobs/{job['id']}/result",
-                 f"/v1/jobs/{job['id']}/events"):
+    for path in (
+        f"/v1/jobs/{job['id']}",
+        f"/result/{job['id']}",
+        f"/v1/jobs/{job['id']}/result",
+        f"/v1/jobs/{job['id']}/events",
+    ):
         r = other.get(path)
         assert r.status_code == 404, path
         assert err(r)["code"] == "not_found"
@@ -217,13 +233,15 @@ def test_admin_sees_all(platform: support.Platform, api: support.Api) -> None:
     assert job["id"] in {j["id"] for j in everyone}
 
 
-def test_priority_high_starts_before_normal_and_low(platform: support.Platform,
-                                                    api: support.Api) -> None:
+def test_priority_high_starts_before_normal_and_low(
+    platform: support.Platform, api: support.Api
+) -> None:
     # Saturate the worker, then queue low, normal, high: they start high → normal → low.
     blockers = [api.submit({"sleep_s": 1.5}) for _ in range(4)]
     support.wait_until(
         lambda: all(api.get(f"/v1/jobs/{b['id']}").json()["status"] == "running" for b in blockers),
-        what="blockers running")
+        what="blockers running",
+    )
     low = api.submit({"value": "low"}, priority="low")
     normal = api.submit({"value": "normal"}, priority="normal")
     high = api.submit({"value": "high"}, priority="high")
@@ -236,7 +254,9 @@ def test_priority_high_starts_before_normal_and_low(platform: support.Platform,
 def test_openapi_and_docs(platform: support.Platform) -> None:
     spec = requests.get(platform.url + "/openapi.json", timeout=10).json()
     assert spec["openapi"].startswith("3.")
-    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/result/{job_id}", "/v1/auth/token"} <= set(spec["paths"])
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/result/{job_id}", "/v1/auth/token"} <= set(
+        spec["paths"]
+    )
     assert "JobCreate" in spec["components"]["schemas"]
     assert requests.get(platform.url + "/docs", timeout=10).status_code == 200
 

@@ -19,8 +19,12 @@ def scrape(url: str) -> dict[str, list]:
 
 
 def value(fams: dict[str, list], name: str, **labels: str) -> float:
-    return sum(s.value for samples in fams.values() for s in samples if s.name == name
-               and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for samples in fams.values()
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_api_and_worker_metrics(services: support.Services, tmp_path) -> None:
@@ -40,8 +44,12 @@ def test_api_and_worker_metrics(services: support.Services, tmp_path) -> None:
 
         fams = scrape(p.url + "/metrics")
         # Requests are summed over both gunicorn processes (multiprocess mode).
-        assert value(fams, "spool_http_requests_total", endpoint="/v1/jobs", method="POST",
-                     status="202") == 8
+        assert (
+            value(
+                fams, "spool_http_requests_total", endpoint="/v1/jobs", method="POST", status="202"
+            )
+            == 8
+        )
         assert value(fams, "spool_http_requests_total", status="404") >= 1
         assert value(fams, "spool_http_request_duration_seconds_count") > 0
         assert value(fams, "spool_jobs_submitted_total", kind="echo", model="echo") == 8
