@@ -81,7 +81,9 @@ class DiffusionBackend(Backend):
     def shape(self, data: dict[str, Any]) -> Shape:
         """The job's size, steps and guidance, with the registry's defaults and limits."""
         d, lim = self.spec.defaults, self.spec.limit
-        width = hf.int_input(data, "width", d.get("width", 512), lim("min_width", 64), lim("max_width", 1024))
+        width = hf.int_input(
+            data, "width", d.get("width", 512), lim("min_width", 64), lim("max_width", 1024)
+        )
         height = hf.int_input(
             data, "height", d.get("height", 512), lim("min_height", 64), lim("max_height", 1024)
         )
@@ -89,7 +91,11 @@ class DiffusionBackend(Backend):
             raise hf.InvalidInput("width and height must be multiples of 8")
         steps = hf.int_input(data, "steps", d.get("steps", 30), 1, lim("max_steps", 150))
         guidance = hf.float_input(
-            data, "guidance_scale", d.get("guidance_scale", 7.5), 0.0, lim("max_guidance_scale", 50.0)
+            data,
+            "guidance_scale",
+            d.get("guidance_scale", 7.5),
+            0.0,
+            lim("max_guidance_scale", 50.0),
         )
         return Shape(width, height, steps, guidance)
 
@@ -135,7 +141,9 @@ class DiffusionBackend(Backend):
             size += len(request.seeds)
         return calls
 
-    def _run_call(self, shape: Shape, requests: list[_Request], results: list[Result | None]) -> None:
+    def _run_call(
+        self, shape: Shape, requests: list[_Request], results: list[Result | None]
+    ) -> None:
         live = []
         for request in requests:  # jobs canceled while waiting for an earlier call
             if (stop := hf.stop_reason(request.ctx)) is not None:

@@ -70,7 +70,9 @@ def device_for(spec: ModelSpec) -> torch.device:
     if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"model {spec.name} asks for device {spec.device} but CUDA is unavailable")
+        raise ModelLoadError(
+            f"model {spec.name} asks for device {spec.device} but CUDA is unavailable"
+        )
     try:
         return torch.device(wanted)
     except RuntimeError as exc:
@@ -106,7 +108,10 @@ def model_source(spec: ModelSpec) -> str:
 def load_kwargs(spec: ModelSpec) -> dict[str, Any]:
     # Workers never download: weights are placed beforehand (HF_HUB_OFFLINE semantics),
     # unless the registry entry opts in with `allow_download: true`.
-    return {"local_files_only": not bool(spec.options.get("allow_download", False))}
+    kwargs: dict[str, Any] = {"local_files_only": not spec.options.get("allow_download", False)}
+    if spec.options.get("variant"):  # e.g. "fp16" weight files of a hub repo
+        kwargs["variant"] = str(spec.options["variant"])
+    return kwargs
 
 
 def load_failed(spec: ModelSpec, source: str, exc: BaseException) -> ModelLoadError:

@@ -51,6 +51,7 @@ class LLMBackend(Backend):
         self.tokenizer: Any = None
         self.device = torch.device("cpu")
         self.eos_ids: set[int] = set()
+        self._eos_index = torch.empty(0, dtype=torch.long)
         self.context_len: int | None = None
         self._lock = threading.Lock()
 
@@ -62,10 +63,11 @@ class LLMBackend(Backend):
         dtype = hf.dtype_for(self.spec, self.device)
         source = hf.model_source(self.spec)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **hf.load_kwargs(self.spec))
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, **hf.load_kwargs(self.spec)
+            kwargs = hf.load_kwargs(self.spec)
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, local_files_only=kwargs["local_files_only"]
             )
+            model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
             model = model.to(self.device).eval()
         except Exception as exc:  # any failure here means the model is unusable
             raise hf.load_failed(self.spec, source, exc) from exc
@@ -75,6 +77,7 @@ class LLMBackend(Backend):
         eos = model.generation_config.eos_token_id
         eos_list = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos_list, tokenizer.eos_token_id] if i is not None}
+        self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
         self.context_len = getattr(model.config, "max_position_embeddings", None)
         self.tokenizer, self.model = tokenizer, model
 
@@ -137,12 +140,16 @@ class LLMBackend(Backend):
         limit = self.spec.limit("max_prompt_chars", 100_000)
         messages, prompt = data.get("messages"), data.get("prompt")
         if messages is not None:
-            ok = isinstance(messages, list) and messages
-            ok = ok and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            )
-            if not ok:
+            if not (
+                isinstance(messages, list)
+                and messages
+                and all(
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                    for m in messages
+                )
+            ):
                 raise hf.InvalidInput("messages must be a list of {role, content} strings")
             if sum(len(m["content"]) for m in messages) > limit:
                 raise hf.InvalidInput(f"messages are longer than {limit} characters")
@@ -176,7 +183,7 @@ class LLMBackend(Backend):
         ids, mask = ids.to(self.device), mask.to(self.device)
         # Positions count real tokens only, so a padded row sees what it would see alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache: Any = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
         last = positions[:, -1]
         while True:
@@ -208,28 +215,39 @@ class LLMBackend(Backend):
         return out.logits[:, -1, :].float()
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """One token per row: greedy at temperature 0, else top-p sampling from its generator."""
-        for i, row in enumerate(rows):
-            if len(row.ids) < row.min_new:
-                logits[i, list(self.eos_ids)] = float("-inf")
+        """One token per row: greedy at temperature 0, else sampled with the row's generator.
+
+        What a row gets depends only on its own logits, settings and generator, never on
+        which rows share its batch.
+        """
+        device = logits.device
+        early = [i for i, row in enumerate(rows) if len(row.ids) < row.min_new]
+        if early:  # min_tokens not reached yet: end-of-sequence is not an option
+            rows_index = torch.tensor(early, device=device)[:, None]
+            logits[rows_index, self._eos_index[None, :]] = float("-inf")
         choice = logits.argmax(dim=-1)
         sampled = [i for i, row in enumerate(rows) if row.temperature > 0]
-        if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
-            temps = torch.tensor([rows[i].temperature for i in sampled], device=logits.device)
-            top_p = torch.tensor([rows[i].top_p for i in sampled], device=logits.device)
-            probs = torch.softmax(logits[idx] / temps[:, None], dim=-1)
-            probs, order = probs.sort(dim=-1, descending=True, stable=True)
-            # Keep the smallest head of the distribution whose mass reaches top_p.
-            probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p[:, None], 0.0)
-            cdf = probs.cumsum(-1)
-            # One uniform draw per row from the row's own generator: batch-independent.
-            draws = torch.stack(
-                [torch.rand((), generator=rows[i].generator, device=logits.device) for i in sampled]
-            )
-            pick = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)
-            pick = pick.clamp(max=cdf.shape[-1] - 1)
-            choice[idx] = order.gather(-1, pick).squeeze(-1)
+        if not sampled:
+            return [int(x) for x in choice.tolist()]
+        temps = torch.tensor([rows[i].temperature for i in sampled], device=device)
+        probs = torch.softmax(logits[torch.tensor(sampled, device=device)] / temps[:, None], dim=-1)
+        draws = torch.stack(
+            [torch.rand((), generator=rows[i].generator, device=device) for i in sampled]
+        )
+        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
+        whole = [j for j, i in enumerate(sampled) if rows[i].top_p >= 1.0]
+        nucleus = [j for j, i in enumerate(sampled) if rows[i].top_p < 1.0]
+        if whole:  # no truncation: sample the distribution as it is, no sort needed
+            sel = torch.tensor(whole, device=device)
+            picks[sel] = _inverse_cdf(probs[sel], draws[sel])
+        if nucleus:
+            sel = torch.tensor(nucleus, device=device)
+            top_p = torch.tensor([rows[sampled[j]].top_p for j in nucleus], device=device)
+            head, order = probs[sel].sort(dim=-1, descending=True, stable=True)
+            # Keep the smallest head whose mass reaches top_p (the first token always stays).
+            head = head.masked_fill(head.cumsum(-1) - head > top_p[:, None], 0.0)
+            picks[sel] = order.gather(-1, _inverse_cdf(head, draws[sel])[:, None]).squeeze(-1)
+        choice[torch.tensor(sampled, device=device)] = picks
         return [int(x) for x in choice.tolist()]
 
     def _stopped(self, row: _Row) -> bool:
@@ -283,6 +301,13 @@ class LLMBackend(Backend):
             row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
             return after[len(before) :]
         return ""
+
+
+def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Per row, the index where the (unnormalized) cumulative mass passes draw * total."""
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return index.clamp(max=probs.shape[-1] - 1)
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -1,0 +1,354 @@
+"""The diffusion and LLM backends on the tiny models, driven directly with recorded contexts."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.unit.conftest import llm_spec, sd_spec
+from tests.unit.recording import RecordingContext
+from workers.backends.base import JobCanceled, JobContext, JobTimedOut, ModelLoadError
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+
+def _alone(backend: Any, job_input: dict[str, Any]) -> tuple[Any, RecordingContext]:
+    ctx = RecordingContext(dict(job_input))
+    return backend.predict([ctx])[0], ctx
+
+
+def _assert_same_image(a: bytes, b: bytes) -> None:
+    # Identical noise (one generator per image) gives the same image. Kernels for other
+    # batch sizes may round differently in the last float bit: allow one level on a few pixels.
+    x, y = _pixels(a), _pixels(b)
+    assert x.shape == y.shape
+    assert int(np.abs(x - y).max()) <= 1
+    assert np.count_nonzero(x != y) <= x.size // 1000
+
+
+# --- image.generate -----------------------------------------------------------------
+
+
+def test_image_is_a_png_of_the_asked_size(sd_backend: Any) -> None:
+    out, ctx = _alone(sd_backend, {"prompt": "a red fox", "width": 48, "height": 32, "seed": 7})
+    assert out == {
+        "images": [
+            {"url": "https://files.test/job_test/image-0.png", "width": 48, "height": 32, "seed": 7}
+        ]
+    }
+    data, content_type = ctx.artifacts["image-0.png"]
+    assert content_type == "image/png"
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.size == (48, 32)
+    assert _pixels(data).std() > 1  # not a blank image
+
+
+def test_image_same_seed_same_bytes_and_other_seed_differs(sd_backend: Any) -> None:
+    job = {"prompt": "a lighthouse", "seed": 11}
+    a = _alone(sd_backend, job)[1].artifacts["image-0.png"][0]
+    b = _alone(sd_backend, job)[1].artifacts["image-0.png"][0]
+    c = _alone(sd_backend, {**job, "seed": 12})[1].artifacts["image-0.png"][0]
+    assert a == b
+    assert np.abs(_pixels(a) - _pixels(c)).mean() > 5
+
+
+def test_image_batched_equals_alone_per_seed(sd_backend: Any) -> None:
+    jobs = [
+        {"prompt": "a cat", "seed": 1},
+        {"prompt": "a dog", "seed": 2, "num_images": 2, "negative_prompt": "blurry"},
+        {"prompt": "a cat", "seed": 3},
+    ]
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
+    outs = sd_backend.predict(ctxs)
+    assert [img["seed"] for img in outs[1]["images"]] == [2, 3]
+    for job, ctx, out in zip(jobs, ctxs, outs, strict=True):
+        assert not isinstance(out, BaseException)
+        _, alone = _alone(sd_backend, job)
+        assert sorted(ctx.artifacts) == sorted(alone.artifacts)
+        for name in alone.artifacts:
+            _assert_same_image(ctx.artifacts[name][0], alone.artifacts[name][0])
+    # Same seed (3), different prompt: a different image (each prompt reaches its own row).
+    dog, cat = ctxs[1].artifacts["image-1.png"][0], ctxs[2].artifacts["image-0.png"][0]
+    assert np.abs(_pixels(dog) - _pixels(cat)).mean() > 0
+
+
+def test_image_progress_every_step_in_order(sd_backend: Any) -> None:
+    _, ctx = _alone(sd_backend, {"prompt": "stars", "steps": 5, "seed": 1})
+    assert ctx.progress_calls == [(i, 5) for i in range(1, 6)]
+
+
+def test_image_cancel_one_job_keeps_the_others(sd_backend: Any) -> None:
+    jobs = [{"prompt": f"tree {i}", "seed": i, "steps": 6} for i in range(3)]
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
+    ctxs[1].cancel_at_check = 3  # one check before the call, then one per step
+    outs = sd_backend.predict(ctxs)
+    assert isinstance(outs[1], JobCanceled)
+    assert ctxs[1].progress_calls == [(1, 6)] and not ctxs[1].artifacts
+    for i in (0, 2):
+        assert ctxs[i].progress_calls[-1] == (6, 6)
+        alone = _alone(sd_backend, jobs[i])[1]
+        _assert_same_image(ctxs[i].artifacts["image-0.png"][0], alone.artifacts["image-0.png"][0])
+
+
+def test_image_all_canceled_stops_the_call(sd_backend: Any) -> None:
+    ctxs = [
+        RecordingContext({"prompt": "x", "seed": 1, "steps": 40}, cancel_at_check=2),
+        RecordingContext({"prompt": "y", "seed": 2, "steps": 40}, timeout_at_check=3),
+    ]
+    outs = sd_backend.predict(ctxs)
+    assert isinstance(outs[0], JobCanceled) and isinstance(outs[1], JobTimedOut)
+    # Stopped after the second step, not run to the 40th.
+    assert max(len(c.progress_calls) for c in ctxs) <= 2 and ctxs[1].checks == 3
+
+
+def test_image_bad_input_fails_only_that_job(sd_backend: Any) -> None:
+    ctxs = [
+        RecordingContext({"prompt": "ok", "seed": 1}),
+        RecordingContext({"prompt": "bad", "width": 60}),
+        RecordingContext({"prompt": "big", "width": 512}),
+    ]
+    outs = sd_backend.predict(ctxs)
+    assert "images" in outs[0]
+    assert isinstance(outs[1], ValueError) and "multiples of 8" in str(outs[1])
+    assert isinstance(outs[2], ValueError) and "width" in str(outs[2])
+
+
+def test_image_batch_key_follows_shape(sd_backend: Any) -> None:
+    key = sd_backend.batch_key
+    assert key({"prompt": "a", "seed": 1}) == key({"prompt": "b", "seed": 2, "num_images": 2})
+    assert key({"prompt": "a"}) == key({"prompt": "a", "width": 64, "height": 64, "steps": 4})
+    assert key({"prompt": "a"}) != key({"prompt": "a", "steps": 5})
+    assert key({"prompt": "a"}) != key({"prompt": "a", "guidance_scale": 1.0})
+
+
+def test_image_calls_are_capped_at_max_batch_size(tiny_models: dict[str, Path]) -> None:
+    from workers.backends.diffusion import DiffusionBackend
+
+    backend = DiffusionBackend(sd_spec(tiny_models["tiny-sd"], max_batch_size=2))
+    backend.setup()
+    calls: list[int] = []
+    real = backend.pipe
+
+    def counting(**kwargs: Any) -> Any:
+        calls.append(len(kwargs["prompt"]))
+        return real(**kwargs)
+
+    backend.pipe = counting
+    ctxs: list[JobContext] = [
+        RecordingContext({"prompt": "p", "seed": i, "steps": 1}) for i in range(3)
+    ]
+    ctxs.append(RecordingContext({"prompt": "p", "seed": 9, "steps": 1, "num_images": 3}))
+    outs = backend.predict(ctxs)
+    assert all(isinstance(out, dict) and "images" in out for out in outs)
+    assert calls == [2, 1, 3]  # a job is never split across calls
+
+
+# --- text.generate ------------------------------------------------------------------
+
+TEXT_JOBS: list[dict[str, Any]] = [
+    {"prompt": "Hello", "max_tokens": 24, "temperature": 0},
+    {"prompt": "The quick brown fox", "max_tokens": 24, "seed": 1, "temperature": 0.8},
+    {"prompt": "Once upon a time", "max_tokens": 12, "seed": 2, "top_p": 0.5},
+    {"messages": [{"role": "user", "content": "How are you?"}], "max_tokens": 24, "seed": 3},
+    {
+        "prompt": "Jobs are queued",
+        "max_tokens": 30,
+        "seed": 4,
+        "temperature": 1.3,
+        "min_tokens": 30,
+    },
+]
+
+
+def test_text_batched_equals_alone(llm_backend: Any) -> None:
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(TEXT_JOBS)]
+    outs = llm_backend.predict(ctxs)
+    for job, out in zip(TEXT_JOBS, outs, strict=True):
+        assert out == _alone(llm_backend, job)[0]
+    assert outs[4]["usage"]["completion_tokens"] == 30 and outs[4]["finish_reason"] == "length"
+    assert len({o["text"] for o in outs}) == len(outs)
+
+
+def test_text_seed_decides_sampling_and_greedy_ignores_it(llm_backend: Any) -> None:
+    base = {"prompt": "Hello", "max_tokens": 20, "min_tokens": 20}
+    assert (
+        _alone(llm_backend, {**base, "seed": 1})[0] == _alone(llm_backend, {**base, "seed": 1})[0]
+    )
+    assert (
+        _alone(llm_backend, {**base, "seed": 1})[0] != _alone(llm_backend, {**base, "seed": 2})[0]
+    )
+    greedy = {**base, "temperature": 0}
+    assert (
+        _alone(llm_backend, {**greedy, "seed": 1})[0]
+        == _alone(llm_backend, {**greedy, "seed": 2})[0]
+    )
+
+
+def test_text_streams_tokens_with_progress(llm_backend: Any) -> None:
+    out, ctx = _alone(llm_backend, {"prompt": "Hi", "max_tokens": 16, "min_tokens": 16, "seed": 5})
+    assert out["finish_reason"] == "length"
+    prompt_tokens = len(llm_backend.tokenizer("Hi").input_ids)
+    assert out["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 16}
+    assert "".join(ctx.tokens) == out["text"] and len(ctx.tokens) > 1
+    assert ctx.progress_calls == [(i, 16) for i in range(1, 17)]
+
+
+def test_text_stop_string_ends_and_is_not_streamed(llm_backend: Any) -> None:
+    job = {"prompt": "Numbers", "max_tokens": 40, "min_tokens": 40, "seed": 8, "temperature": 0.7}
+    full = _alone(llm_backend, job)[0]["text"]
+    stop = full[10:16]  # spans several tokens: its start must be held back, never streamed
+    assert len(stop) == 6 and full.index(stop) == 10
+    out, ctx = _alone(llm_backend, {**job, "stop": [stop, "never-seen"]})
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == full[:10]
+    assert "".join(ctx.tokens) == out["text"]
+
+
+def test_held_back_is_the_longest_pending_stop_prefix(torch_one_thread: Any) -> None:
+    from workers.backends.llm import _held_back
+
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello w", ["xyz", "wo"]) == 1
+    assert _held_back("hello", ["world"]) == 0
+    assert _held_back("abab", ["abac", "b"]) == 2
+    assert _held_back("xaba", ["abac"]) == 3
+    assert _held_back("", ["ab"]) == 0
+
+
+def test_text_messages_use_the_chat_template(llm_backend: Any) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = llm_backend.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    by_messages = _alone(llm_backend, {"messages": messages, "seed": 1, "max_tokens": 8})[0]
+    by_prompt = _alone(llm_backend, {"prompt": prompt, "seed": 1, "max_tokens": 8})[0]
+    # The plain prompt gets a second <s> from the tokenizer; the chat path must not.
+    assert by_messages["usage"]["prompt_tokens"] == by_prompt["usage"]["prompt_tokens"] - 1
+    assert by_messages["usage"]["prompt_tokens"] > 10
+
+
+def test_text_cancel_one_row_keeps_the_others(llm_backend: Any) -> None:
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(TEXT_JOBS)]
+    ctxs[4].cancel_at_check = 6  # one check before the prompt, then one per token
+    ctxs[1].timeout_at_check = 1
+    outs = llm_backend.predict(ctxs)
+    assert isinstance(outs[4], JobCanceled) and len(ctxs[4].progress_calls) == 4
+    assert isinstance(outs[1], JobTimedOut) and not ctxs[1].tokens
+    for i in (0, 2, 3):
+        assert outs[i] == _alone(llm_backend, TEXT_JOBS[i])[0]
+
+
+def test_text_failing_context_fails_only_its_job(llm_backend: Any) -> None:
+    class Broken(RecordingContext):
+        def token(self, text: str) -> None:
+            raise ConnectionError("events are down")
+
+    jobs = [{"prompt": "a", "seed": 1, "max_tokens": 8, "min_tokens": 8}] * 2
+    ctxs = [Broken(dict(jobs[0])), RecordingContext(dict(jobs[1]))]
+    outs = llm_backend.predict(ctxs)
+    assert isinstance(outs[0], ConnectionError)
+    assert outs[1] == _alone(llm_backend, jobs[1])[0]
+
+
+def test_text_bad_inputs_fail_only_their_jobs(llm_backend: Any) -> None:
+    bad: list[dict[str, Any]] = [
+        {},
+        {"prompt": ""},
+        {"prompt": "x", "max_tokens": 65},
+        {"prompt": "x" * 2001},
+        {"messages": [{"role": "user"}]},
+        {"prompt": "x", "stop": [""]},
+        {"prompt": "x", "temperature": -1},
+    ]
+    ctxs = [RecordingContext(j) for j in bad] + [
+        RecordingContext({"prompt": "fine", "max_tokens": 2})
+    ]
+    outs = llm_backend.predict(ctxs)
+    assert all(isinstance(o, ValueError) for o in outs[:-1]), outs
+    assert outs[-1]["usage"]["completion_tokens"] >= 1
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["image.generate", "text.generate"])
+def test_missing_model_dir_is_a_load_error(
+    torch_one_thread: Any, tmp_path: Path, kind: str
+) -> None:
+    from workers.backends.diffusion import DiffusionBackend
+    from workers.backends.llm import LLMBackend
+
+    missing = tmp_path / "nowhere"
+    backend = (
+        DiffusionBackend(sd_spec(missing))
+        if kind == "image.generate"
+        else LLMBackend(llm_spec(missing))
+    )
+    with pytest.raises(ModelLoadError, match=f"failed to load from {missing}"):
+        backend.setup()
+
+
+@pytest.mark.parametrize("kind", ["image.generate", "text.generate"])
+def test_broken_model_dir_is_a_load_error(torch_one_thread: Any, tmp_path: Path, kind: str) -> None:
+    from workers.backends.diffusion import DiffusionBackend
+    from workers.backends.llm import LLMBackend
+
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model_index.json").write_text("{not json")
+    backend = (
+        DiffusionBackend(sd_spec(tmp_path))
+        if kind == "image.generate"
+        else LLMBackend(llm_spec(tmp_path))
+    )
+    with pytest.raises(ModelLoadError, match=r"model tiny-(sd|llm) failed to load from"):
+        backend.setup()
+
+
+def test_backends_are_registered_by_kind(torch_one_thread: Any) -> None:
+    from workers.backends import backend_class
+    from workers.backends.diffusion import DiffusionBackend
+    from workers.backends.llm import LLMBackend
+
+    assert backend_class("image.generate") is DiffusionBackend
+    assert backend_class("text.generate") is LLMBackend
+
+
+def test_device_and_dtype_follow_the_registry(torch_one_thread: Any, tmp_path: Path) -> None:
+    from workers.backends import hf
+
+    torch = torch_one_thread
+    cpu = torch.device("cpu")
+    assert hf.dtype_for(sd_spec(tmp_path, dtype="float16"), cpu) == torch.float32
+    assert hf.dtype_for(sd_spec(tmp_path, dtype="bf16"), torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="dtype"):
+        hf.dtype_for(sd_spec(tmp_path, dtype="int3"), cpu)
+    assert hf.device_for(sd_spec(tmp_path, device="cpu")) == cpu
+    if not torch.cuda.is_available():
+        assert hf.device_for(sd_spec(tmp_path, device="auto")) == cpu
+        with pytest.raises(ModelLoadError, match="CUDA"):
+            hf.device_for(sd_spec(tmp_path, device="cuda"))
+
+
+def test_torch_threads_setting(torch_one_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spool import settings
+    from workers.backends import hf
+
+    torch = torch_one_thread
+    monkeypatch.setenv("SPOOL_TORCH_THREADS", "1")
+    monkeypatch.setattr(hf, "_prepared", False)
+    settings.get.cache_clear()
+    torch.set_num_threads(2)
+    try:
+        hf.prepare_process()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+        monkeypatch.undo()
+        settings.get.cache_clear()

@@ -1,0 +1,64 @@
+"""Request validation: per-kind inputs and the model registry's limits (no server needed)."""
+
+from __future__ import annotations
+
+import pytest
+from marshmallow import ValidationError
+
+from api.schemas import JobCreateSchema, load_input
+from spool.registry import ModelSpec
+
+IMAGE = ModelSpec("img", "image.generate", limits={"max_width": 256, "max_height": 256,
+                                                    "max_steps": 50, "max_num_images": 4})
+TEXT = ModelSpec("txt", "text.generate", limits={"max_tokens": 128, "max_prompt_chars": 100})
+
+
+def errors_of(spec: ModelSpec, raw: dict) -> dict:
+    with pytest.raises(ValidationError) as exc:
+        load_input(spec, raw)
+    return exc.value.messages["input"]
+
+
+def test_image_input_limits_name_the_field() -> None:
+    ok = load_input(IMAGE, {"prompt": "a fox", "width": 64, "height": 128, "steps": 4})
+    assert ok["width"] == 64
+    assert "width" in errors_of(IMAGE, {"prompt": "x", "width": 512})
+    assert "width" in errors_of(IMAGE, {"prompt": "x", "width": 65})  # not a multiple of 8
+    assert "steps" in errors_of(IMAGE, {"prompt": "x", "steps": 51})
+    assert "steps" in errors_of(IMAGE, {"prompt": "x", "steps": 151})
+    assert "num_images" in errors_of(IMAGE, {"prompt": "x", "num_images": 5})
+    assert "prompt" in errors_of(IMAGE, {"prompt": ""})
+    assert "prompt" in errors_of(IMAGE, {})
+    assert "bogus" in errors_of(IMAGE, {"prompt": "x", "bogus": 1})
+
+
+def test_text_input_prompt_or_messages() -> None:
+    assert load_input(TEXT, {"prompt": "hi", "max_tokens": 10, "stop": "\n"})["stop"] == ["\n"]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert load_input(TEXT, {"messages": msgs})["messages"] == msgs
+    assert "prompt" in errors_of(TEXT, {"prompt": "hi", "messages": msgs})
+    assert "prompt" in errors_of(TEXT, {})
+    assert "max_tokens" in errors_of(TEXT, {"prompt": "hi", "max_tokens": 129})
+    assert "prompt" in errors_of(TEXT, {"prompt": "x" * 101})
+    assert "messages" in errors_of(TEXT, {"messages": [{"role": "wizard", "content": "x"}]})
+    assert "temperature" in errors_of(TEXT, {"prompt": "x", "temperature": 3})
+    assert "top_p" in errors_of(TEXT, {"prompt": "x", "top_p": 0})
+    assert "stop" in errors_of(TEXT, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]})
+
+
+def test_job_request_checks_model_and_kind() -> None:
+    schema = JobCreateSchema()
+    job = schema.load({"kind": "echo", "model": "echo", "input": {"value": [1]}})
+    assert job["input"] == {"value": [1]}
+    with pytest.raises(ValidationError) as exc:
+        schema.load({"kind": "echo", "model": "no-such-model", "input": {}})
+    assert "model" in exc.value.messages
+    with pytest.raises(ValidationError) as exc:
+        schema.load({"kind": "text.generate", "model": "echo", "input": {"prompt": "x"}})
+    assert "kind" in exc.value.messages
+    with pytest.raises(ValidationError) as exc:
+        schema.load({"kind": "echo", "model": "echo", "input": {}, "metadata": {"x": "y" * 20000}})
+    assert "metadata" in exc.value.messages
+    with pytest.raises(ValidationError) as exc:
+        schema.load({"kind": "echo", "model": "echo", "input": {"sleep_s": 61}})
+    assert "sleep_s" in exc.value.messages["input"]

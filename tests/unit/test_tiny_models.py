@@ -1,0 +1,96 @@
+"""The tiny models: real classes, saved and loaded like real models, deterministic."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spool.tiny_models import init_tiny
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_builds_loadable_real_models(tiny_models: dict[str, Path]) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["tiny-sd"], local_files_only=True)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.safety_checker is None
+    assert pipe.text_encoder.config.max_position_embeddings >= pipe.tokenizer.model_max_length == 77
+    # The offline CLIP tokenizer must give real byte-level ids, not unknown tokens.
+    ids = pipe.tokenizer("a red fox").input_ids
+    assert ids[0] == pipe.tokenizer.bos_token_id and ids[-1] == pipe.tokenizer.eos_token_id
+    assert pipe.tokenizer.unk_token_id not in ids[1:-1] and len(ids) > 3
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["tiny-llm"], local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["tiny-llm"], local_files_only=True)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    text = "Héllo wörld, 3 + 4 = 7 🙂"
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert isinstance(chat, str)
+    assert chat.startswith(tokenizer.bos_token) and chat.endswith("<|assistant|>\n")
+
+
+def test_files_are_readable_by_others(tiny_models: dict[str, Path]) -> None:
+    for folder in tiny_models.values():
+        for path in folder.rglob("*"):
+            assert path.stat().st_mode & stat.S_IROTH, path
+
+
+def test_skips_existing_and_rebuilds_on_force(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    first = init_tiny(tmp_path)
+    weights = first["tiny-llm"] / "model.safetensors"
+    inode = weights.stat().st_ino
+    assert init_tiny(tmp_path) == first
+    assert weights.stat().st_ino == inode  # left alone
+    init_tiny(tmp_path, force=True)
+    assert weights.stat().st_ino != inode  # written again
+    # Fixed seeds: a rebuild, like a build elsewhere, gives the same bytes.
+    for name, folder in first.items():
+        assert _digests(folder) == _digests(tiny_models[name]), name
+
+
+def test_rebuilds_a_half_written_folder(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    leftover = tmp_path / "models" / "tiny-sd"
+    leftover.mkdir(parents=True)
+    (leftover / "junk.bin").write_bytes(b"x")
+    init_tiny(tmp_path)
+    assert (leftover / "model_index.json").is_file()
+    assert not (leftover / "junk.bin").exists()
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-llm"])
+def test_models_are_small(tiny_models: dict[str, Path], name: str) -> None:
+    size = sum(p.stat().st_size for p in tiny_models[name].rglob("*") if p.is_file())
+    assert size < 10 * 1024 * 1024
+
+
+def test_registry_points_at_the_tiny_models(tiny_models: dict[str, Path]) -> None:
+    from spool import registry
+
+    specs: dict[str, Any] = registry.load(registry.DEFAULT_FILE)
+    var_dir = tiny_models["tiny-sd"].parent.parent
+    for name, kind in (("tiny-sd", "image.generate"), ("tiny-llm", "text.generate")):
+        spec = specs[name]
+        assert spec.kind == kind
+        assert Path(spec.resolved_source(var_dir)) == tiny_models[name]
+    assert specs["tiny-sd"].max_batch_size == 8 and specs["tiny-llm"].max_batch_size == 16
+    assert specs["tiny-sd"].limit("max_width") and specs["tiny-llm"].limit("max_tokens")

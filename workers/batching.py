@@ -1,0 +1,165 @@
+"""Micro-batching: jobs running at once on one model share its forward passes.
+
+Each job runs in its own worker thread and calls `MicroBatcher.run(ctx)`, which blocks.
+One batch thread per model takes the oldest waiting job, gathers others with the same
+`backend.batch_key` for at most `wait_ms` (or until `max_batch_size`), runs them with
+one `backend.predict`, and hands every caller its own result or exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from spool import metrics
+from spool.registry import ModelSpec
+from workers.backends.base import Backend, JobContext
+
+log = logging.getLogger("spool.batching")
+
+
+@dataclass(eq=False)
+class _Waiting:
+    ctx: JobContext
+    key: Hashable
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | BaseException | None = None
+
+
+class MicroBatcher:
+    def __init__(self, backend: Backend, max_batch_size: int, wait_ms: float) -> None:
+        self.backend = backend
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.wait_s = max(0.0, float(wait_ms)) / 1000
+        self._cond = threading.Condition()
+        self._waiting: deque[_Waiting] = deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._setup_lock = threading.Lock()
+        self._ready = False
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # recent sizes, for metrics and tests
+
+    def setup(self) -> None:
+        """Load the model now (a worker may call this at start to be warm); runs once."""
+        with self._setup_lock:
+            if not self._ready:
+                started = time.monotonic()
+                self.backend.setup()
+                self._ready = True
+                seconds = time.monotonic() - started
+                metrics.observe_model_loaded(self.backend.spec.name, seconds)
+                log.info(
+                    "model loaded", extra={"model": self.backend.spec.name, "seconds": seconds}
+                )
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        """Run one job in the next compatible batch; blocks until its result is ready."""
+        item = _Waiting(ctx, self.backend.batch_key(ctx.input))  # may raise: a bad input
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the micro-batcher is closed")
+            self._waiting.append(item)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name=f"batch-{self.backend.spec.name}", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+        item.done.wait()
+        if isinstance(item.result, BaseException):
+            raise item.result
+        if item.result is None:
+            raise RuntimeError("the batch ended without a result for this job")
+        return item.result
+
+    def pending(self) -> int:
+        """Jobs waiting for a batch (not counting those in the batch running now)."""
+        with self._cond:
+            return len(self._waiting)
+
+    def close(self) -> None:
+        """Stop the batch thread once the jobs already waiting are done."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    # --- the batch thread ---------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _gather(self) -> list[_Waiting] | None:
+        with self._cond:
+            while not self._waiting:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._waiting.popleft()
+            batch = [first]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch_size:
+                # Take compatible jobs in arrival order; the others wait for their own batch.
+                for item in list(self._waiting):
+                    if item.key == first.key:
+                        self._waiting.remove(item)
+                        batch.append(item)
+                        if len(batch) == self.max_batch_size:
+                            break
+                left = deadline - time.monotonic()
+                if len(batch) == self.max_batch_size or left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _run(self, batch: list[_Waiting]) -> None:
+        self.batch_sizes.append(len(batch))
+        metrics.MICROBATCH_SIZE.labels(self.backend.spec.name).observe(len(batch))
+        results: list[dict[str, Any] | BaseException]
+        try:
+            self.setup()
+            results = list(self.backend.predict([item.ctx for item in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} jobs")
+        except BaseException as exc:  # raised in every caller of this batch, never lost
+            results = [exc] * len(batch)
+        self._deliver(batch, results)
+
+    @staticmethod
+    def _deliver(batch: list[_Waiting], results: list[dict[str, Any] | BaseException]) -> None:
+        for item, result in zip(batch, results, strict=True):
+            item.result = result
+            item.done.set()
+
+
+_batchers: dict[str, MicroBatcher] = {}
+_batchers_pid = os.getpid()
+_batchers_lock = threading.Lock()
+
+
+def batcher_for(spec: ModelSpec) -> MicroBatcher:
+    """The process's batcher for a model (one per model; a forked child builds its own)."""
+    from workers.backends import backend_class
+
+    global _batchers_pid
+    with _batchers_lock:
+        if _batchers_pid != os.getpid():  # threads do not survive fork
+            _batchers.clear()
+            _batchers_pid = os.getpid()
+        batcher = _batchers.get(spec.name)
+        if batcher is None:
+            backend = backend_class(spec.kind)(spec)
+            batcher = MicroBatcher(backend, spec.max_batch_size, spec.batch_wait_ms)
+            _batchers[spec.name] = batcher
+        return batcher
