@@ -1,15 +1,14 @@
-"""Sending job messages to the workers by task name (the API never imports workers).
+"""Sending work tokens to the workers by task name (the API never imports workers).
 
-A message carries only the job id. Before sending, the job id is recorded in the
-`spool:sent` hash; a worker removes it when it receives the message. A queued job
-that was sent but is in neither the hash nor a worker (Redis flushed, message
-lost) is found by the sweeper and sent again.
+A message means "one more job is waiting on this queue"; the worker that gets it
+claims the best queued job of that queue from PostgreSQL (workers/lease.py). So a
+message lost (Redis flushed, a killed worker's reserved message) only leaves the
+queue short of tokens, which the sweeper tops up; a surplus token is a no-op.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,22 +17,18 @@ import redis
 from celery import Celery
 from kombu.exceptions import KombuError
 
-from spool import redisconn
-
 log = logging.getLogger(__name__)
 
 RUN_JOB = "spool.run_job"
-SENT_KEY = "spool:sent"
-# Extra seconds beyond timeout_s before Celery's hard limit kills a stuck process.
-HARD_LIMIT_GRACE_S = 60
+# Celery's Redis transport keeps one list per priority step (celery_config.py).
+PRIORITY_SUFFIXES = ("", ":3", ":6")
 
 
 @dataclass(frozen=True)
 class Message:
-    job_id: str
+    job_id: str  # the job whose submission sends the token (logs, tracing)
     queue: str
     priority: int
-    timeout_s: int
 
 
 @lru_cache(maxsize=1)
@@ -43,37 +38,36 @@ def celery_app() -> Celery:
     return app
 
 
-def send(messages: Iterable[Message]) -> list[str]:
-    """Send messages; returns the ids sent. Never raises: unsent jobs are the sweeper's."""
-    messages = list(messages)
-    if not messages:
-        return []
+def send(messages: Iterable[Message]) -> int:
+    """Send tokens; returns how many went. Never raises: the sweeper makes up the rest."""
     app = celery_app()
-    sent: list[str] = []
+    sent = 0
+    messages = list(messages)
     try:
-        r = redisconn.client()
-        now = str(time.time())
-        with r.pipeline(transaction=False) as pipe:
-            for m in messages:
-                pipe.hset(SENT_KEY, m.job_id, now)
-            pipe.execute()
         with app.producer_or_acquire() as producer:
             for m in messages:
                 app.send_task(
                     RUN_JOB,
-                    args=[m.job_id],
+                    args=[m.job_id, m.queue],
                     queue=m.queue,
-                    priority=m.priority,
-                    time_limit=m.timeout_s + HARD_LIMIT_GRACE_S,
+                    priority=m.priority,  # a high job's token jumps ahead of a backlog
                     producer=producer,
                     retry=False,
                 )
-                sent.append(m.job_id)
+                sent += 1
     except (redis.RedisError, KombuError, OSError) as exc:
         log.warning(
             "sent %d of %d job messages, the sweeper sends the rest: %s",
-            len(sent),
+            sent,
             len(messages),
             exc,
         )
     return sent
+
+
+def queue_length(client: redis.Redis, queue: str) -> int:
+    """Tokens waiting in Redis for this queue (all priority lists)."""
+    with client.pipeline(transaction=False) as pipe:
+        for suffix in PRIORITY_SUFFIXES:
+            pipe.llen(queue + suffix)
+        return sum(int(n) for n in pipe.execute())

@@ -74,7 +74,7 @@ def insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def messages(rows: Sequence[dict[str, Any]]) -> list[dispatch.Message]:
-    return [dispatch.Message(r["id"], r["queue"], r["priority_rank"], r["timeout_s"]) for r in rows]
+    return [dispatch.Message(r["id"], r["queue"], r["priority_rank"]) for r in rows]
 
 
 def queued_count(session: Session, user_id: str) -> int:

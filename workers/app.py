@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from celery import signals
 
@@ -32,17 +33,6 @@ def _after_fork(**_: object) -> None:
     redisconn.reset()
 
 
-@signals.task_received.connect
-def _received(request=None, **_: object) -> None:
-    # The message left Redis: from now on the lease (or the sweeper) answers for the job.
-    try:
-        args = request.args if request is not None else None
-        if args:
-            redisconn.client().hdel(dispatch.SENT_KEY, args[0])
-    except Exception as exc:
-        log.debug("could not clear sent marker: %s", exc)
-
-
 _stop = threading.Event()
 
 
@@ -57,10 +47,29 @@ def _liveness_loop() -> None:
         _stop.wait(LIVENESS_EVERY_S)
 
 
+def _warm_up() -> None:
+    """Load every served model now, so the first job does not pay for it (cold start)."""
+    from spool import registry
+
+    for name in served_models():
+        spec = registry.get(name)
+        if spec is None or spec.max_batch_size <= 1:
+            continue  # unbatched backends (echo) load on first use
+        try:
+            from workers.batching import batcher_for
+
+            t0 = time.monotonic()
+            batcher_for(spec).setup()
+            log.info("model %s warm in %.2f s", name, time.monotonic() - t0)
+        except Exception as exc:  # noqa: BLE001 - its jobs will fail with the load error
+            log.error("model %s failed to load: %s", name, exc)
+
+
 @signals.worker_ready.connect
 def _ready(**_: object) -> None:
     db.require_head()
     threading.Thread(target=_liveness_loop, name="spool-liveness", daemon=True).start()
+    threading.Thread(target=_warm_up, name="spool-warmup", daemon=True).start()
     port = settings.get().metrics_port
     try:
         if metrics.start_worker_metrics_server(port):

@@ -44,10 +44,12 @@ def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
 
 
 @app.task(name="spool.run_job", ignore_result=True)
-def run_job(job_id: str) -> str:
-    c = lease.claim(job_id, WORKER_NAME)
+def run_job(hint: str, queue: str) -> str:
+    """Run the best queued job of `queue` (`hint`: the job whose submission sent this)."""
+    c = lease.claim(queue, WORKER_NAME)
     if c is None:
-        return "skipped"  # a duplicate message, or the job is no longer queued
+        return "nothing to do"  # a surplus token: every job of the queue is taken
+    job_id = c.job_id
     log.info("job started", extra={"job_id": job_id, "attempt": c.attempts})
     ctx = RunContext(c, base_url())
     beat = Heartbeat(ctx, settings.get().heartbeat_interval)

@@ -30,33 +30,46 @@ class Claim:
     user_id: str
 
 
+# The message is a token meaning "work is waiting on this queue": the worker takes the
+# best queued job (priority, then submit order) with SKIP LOCKED, so priorities hold
+# exactly even for messages a busy worker had already reserved, and a duplicate or
+# stale message finds nothing to take.
 CLAIM_SQL = text(
     """
+    WITH next AS (
+        SELECT id FROM jobs
+        WHERE queue = :queue AND status = 'queued' AND attempts < max_attempts
+          AND (expires_at IS NULL OR expires_at > now())
+        ORDER BY priority_rank, seq
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    )
     UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = :tok,
         lease_expires_at = now() + make_interval(secs => :lease), worker = :worker,
         started_at = now(), updated_at = now(), progress = NULL
-    WHERE id = :id AND attempts < max_attempts AND (
-        (status = 'queued' AND (expires_at IS NULL OR expires_at > now()))
-        OR (status = 'running' AND lease_expires_at < now()))
-    RETURNING kind, model, input, attempts, timeout_s, user_id,
+    FROM next WHERE jobs.id = next.id
+    RETURNING jobs.id, kind, model, input, attempts, timeout_s, user_id,
         EXTRACT(EPOCH FROM now() - COALESCE(sent_at, created_at)) AS waited_s
     """
 )
 
 
-def claim(job_id: str, worker: str) -> Claim | None:
-    """Take the job if it is queued (or its last worker's lease expired)."""
+def claim(queue: str, worker: str) -> Claim | None:
+    """Take the best queued job of this queue, or None when there is none."""
     tok = uuid.uuid4().hex
     with db.transaction() as s:
         row = s.execute(
-            CLAIM_SQL, {"id": job_id, "tok": tok, "lease": settings.get().lease_s, "worker": worker}
+            CLAIM_SQL,
+            {"queue": queue, "tok": tok, "lease": settings.get().lease_s, "worker": worker},
         ).first()
     if row is None:
         return None
+    job_id = row.id
     events.publish_status(job_id, Status.RUNNING, {"attempt": row.attempts})
     metrics.observe_job_started(row.kind, row.model, float(row.waited_s or 0))
-    return Claim(job_id, tok, row.kind, row.model, row.input, row.attempts, row.timeout_s,
-                 row.user_id)
+    return Claim(
+        job_id, tok, row.kind, row.model, row.input, row.attempts, row.timeout_s, row.user_id
+    )
 
 
 def renew(c: Claim) -> str | None:

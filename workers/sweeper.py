@@ -5,9 +5,9 @@ Each pass, in PostgreSQL's terms:
 - running jobs past timeout_s → failed (timeout), even if their worker hangs;
 - running jobs whose lease expired (worker died) → queued again and re-sent, or
   failed with worker_lost once attempts are used up; canceling ones → canceled;
-- queued jobs whose message is neither in Redis' sent-marker hash nor taken by a
-  worker (Redis flushed or restarted empty, publish failed) → sent again.
-A duplicate message is harmless: the claim is a conditional UPDATE.
+- queues with fewer tokens in Redis than jobs waiting (Redis flushed or restarted
+  empty, a publish failed, a killed worker's reserved message) → topped up.
+A surplus token is harmless: the claim is a conditional UPDATE that finds nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ log = logging.getLogger("spool.sweeper")
 
 LOCK_KEY = "spool:sweep-lock"
 CHUNK = 5000
-# A marker this old for a job still queued is presumed stale (its message lost
-# while Redis kept the marker); re-sending costs at most a no-op duplicate.
-STALE_MARKER_S = 3600.0
 TIMEOUT_GRACE_S = 10
 
 
@@ -77,35 +74,42 @@ def _terminal_updates(s) -> dict[str, int]:
 
 
 def _requeue_lost_workers(s) -> list[dispatch.Message]:
-    rows = s.execute(text(
-        "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_expires_at = NULL, "
-        "worker = NULL, sent_at = now(), updated_at = now() "
-        "WHERE status = 'running' AND lease_expires_at < now() AND attempts < max_attempts "
-        "RETURNING id, queue, priority_rank, timeout_s, model"
-    )).all()
+    rows = s.execute(
+        text(
+            "UPDATE jobs SET status = 'queued', lease_token = NULL, lease_expires_at = NULL, "
+            "worker = NULL, sent_at = now(), updated_at = now() "
+            "WHERE status = 'running' AND lease_expires_at < now() AND attempts < max_attempts "
+            "RETURNING id, queue, priority_rank, model"
+        )
+    ).all()
     for r in rows:
         events.publish_status(r.id, Status.QUEUED, {"reason": "worker_lost"})
         metrics.JOB_RETRIES.labels(r.model, "worker_lost").inc()
-    return [dispatch.Message(r.id, r.queue, r.priority_rank, r.timeout_s) for r in rows]
+    return [dispatch.Message(r.id, r.queue, r.priority_rank) for r in rows]
 
 
-def _unsent(s, r: redis.Redis) -> list[dispatch.Message]:
-    """Queued jobs whose message is gone from Redis (or was never sent)."""
+def _top_up(s, r: redis.Redis) -> list[dispatch.Message]:
+    """Tokens for queues that have fewer waiting in Redis than jobs waiting in PostgreSQL.
+
+    Only jobs queued longer than the grace period count, so tokens still on their way
+    are not doubled. Tokens reserved by busy workers are not in Redis: counting them
+    as missing over-supplies by at most the workers' slots, and a surplus is a no-op.
+    """
     grace = settings.get().resend_grace_s
-    rows = s.execute(text(
-        "SELECT id, queue, priority_rank, timeout_s, model FROM jobs "
-        "WHERE status = 'queued' AND sent_at < now() - make_interval(secs => :grace) "
-        "ORDER BY sent_at LIMIT :n"
-    ), {"grace": grace, "n": CHUNK}).all()
-    if not rows:
-        return []
-    markers = r.hmget(dispatch.SENT_KEY, [row.id for row in rows])
-    now = time.time()
-    out = []
-    for row, mark in zip(rows, markers, strict=True):
-        if mark is None or now - float(mark) > STALE_MARKER_S:
-            out.append(dispatch.Message(row.id, row.queue, row.priority_rank, row.timeout_s))
-            metrics.JOB_RETRIES.labels(row.model, "lost_message").inc()
+    rows = s.execute(
+        text(
+            "SELECT queue, model, count(*) AS n, min(priority_rank) AS best FROM jobs "
+            "WHERE status = 'queued' AND sent_at < now() - make_interval(secs => :grace) "
+            "GROUP BY queue, model"
+        ),
+        {"grace": grace},
+    ).all()
+    out: list[dispatch.Message] = []
+    for row in rows:
+        missing = min(row.n - dispatch.queue_length(r, row.queue), CHUNK)
+        if missing > 0:
+            out += [dispatch.Message("sweeper", row.queue, row.best)] * missing
+            metrics.JOB_RETRIES.labels(row.model, "lost_message").inc(missing)
     return out
 
 
@@ -114,13 +118,10 @@ def sweep_once() -> dict[str, int]:
     with db.transaction() as s:
         counts = _terminal_updates(s)
         requeued = _requeue_lost_workers(s)
-    with db.transaction() as s:
-        unsent = _unsent(s, r)
-        if unsent:
-            s.execute(text("UPDATE jobs SET sent_at = now() WHERE id = ANY(:ids)"),
-                      {"ids": [m.job_id for m in unsent]})
-    sent = dispatch.send(requeued + unsent)
-    counts.update(requeued=len(requeued), resent=len(unsent), sent=len(sent))
+    with db.session() as s:
+        topped = _top_up(s, r)
+    sent = dispatch.send(requeued + topped)
+    counts.update(requeued=len(requeued), topped_up=len(topped), sent=sent)
     with db.transaction() as s:
         s.execute(text("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'"))
     if any(counts.values()):

@@ -8,8 +8,11 @@ from marshmallow import ValidationError
 from api.schemas import JobCreateSchema, load_input
 from spool.registry import ModelSpec
 
-IMAGE = ModelSpec("img", "image.generate", limits={"max_width": 256, "max_height": 256,
-                                                    "max_steps": 50, "max_num_images": 4})
+IMAGE = ModelSpec(
+    "img",
+    "image.generate",
+    limits={"max_width": 256, "max_height": 256, "max_steps": 50, "max_num_images": 4},
+)
 TEXT = ModelSpec("txt", "text.generate", limits={"max_tokens": 128, "max_prompt_chars": 100})
 
 

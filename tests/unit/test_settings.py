@@ -45,7 +45,9 @@ def test_bad_numbers_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
         settings.from_env()
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("yes", True), ("ON", True),
-                                               ("0", False), ("", False), (None, False)])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1", True), ("yes", True), ("ON", True), ("0", False), ("", False), (None, False)],
+)
 def test_parse_bool(raw: str | None, expected: bool) -> None:
     assert settings.parse_bool(raw) is expected

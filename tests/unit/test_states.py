@@ -14,9 +14,16 @@ def test_terminal_states_have_no_way_out() -> None:
 
 @pytest.mark.parametrize(
     ("src", "dst"),
-    [("queued", "running"), ("queued", "canceled"), ("queued", "expired"),
-     ("running", "succeeded"), ("running", "failed"), ("running", "canceling"),
-     ("running", "queued"), ("canceling", "canceled")],
+    [
+        ("queued", "running"),
+        ("queued", "canceled"),
+        ("queued", "expired"),
+        ("running", "succeeded"),
+        ("running", "failed"),
+        ("running", "canceling"),
+        ("running", "queued"),
+        ("canceling", "canceled"),
+    ],
 )
 def test_allowed(src: str, dst: str) -> None:
     states.check_transition(src, dst)
@@ -24,8 +31,14 @@ def test_allowed(src: str, dst: str) -> None:
 
 @pytest.mark.parametrize(
     ("src", "dst"),
-    [("succeeded", "running"), ("expired", "queued"), ("canceled", "running"),
-     ("queued", "succeeded"), ("canceling", "running"), ("failed", "queued")],
+    [
+        ("succeeded", "running"),
+        ("expired", "queued"),
+        ("canceled", "running"),
+        ("queued", "succeeded"),
+        ("canceling", "running"),
+        ("failed", "queued"),
+    ],
 )
 def test_refused(src: str, dst: str) -> None:
     with pytest.raises(states.InvalidTransition):
