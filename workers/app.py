@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ app.conf.imports = ("workers.inference", "workers.sweeper")
 
 WORKER_NAME = os.environ.get("SPOOL_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 LIVENESS_EVERY_S = 5.0
+ALIVE_KEY = "spool:worker-alive:{}"
 
 
 def served_models() -> list[str]:
@@ -41,7 +43,7 @@ def _liveness_loop() -> None:
     while not _stop.is_set():
         try:
             workers_online.beat(WORKER_NAME, models)
-            redisconn.client().set(f"spool:worker-alive:{WORKER_NAME}", "1", ex=30)
+            redisconn.client().set(ALIVE_KEY.format(WORKER_NAME), "1", ex=30)
         except Exception as exc:
             log.debug("liveness beat failed: %s", exc)
         _stop.wait(LIVENESS_EVERY_S)
@@ -82,10 +84,9 @@ def _ready(**_: object) -> None:
 @signals.worker_shutdown.connect
 def _shutdown(**_: object) -> None:
     _stop.set()
-    try:
+    with contextlib.suppress(Exception):  # going away anyway; the records expire
         workers_online.leave(WORKER_NAME, served_models())
-    except Exception:
-        pass
+        redisconn.client().delete(ALIVE_KEY.format(WORKER_NAME))
 
 
 def base_url() -> str:

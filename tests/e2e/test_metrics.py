@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -66,6 +68,40 @@ def test_api_and_worker_metrics(services: support.Services, tmp_path) -> None:
         assert value(w, "spool_job_run_seconds_count", model="echo") == 8
         assert value(w, "spool_job_run_seconds_sum", model="echo") >= 1.0  # the 1 s sleeper
         assert value(w, "spool_job_attempts_total", model="echo") == 8
+
+        # Structured logs: one JSON line per request (API) and per job transition (worker).
+        api_lines = [
+            json.loads(line) for line in p.api.log.read_text().splitlines() if line.startswith("{")
+        ]
+        reqs = [e for e in api_lines if e.get("event") == "request"]
+        assert reqs and all(e["request_id"] and e["status"] for e in reqs)
+        worker_lines = [
+            json.loads(line)
+            for line in p.workers[0].log.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        started = {e["job_id"] for e in worker_lines if e.get("event") == "job started"}
+        finished = {e["job_id"] for e in worker_lines if e.get("event") == "job finished"}
+        assert started == finished == {j["id"] for j in ok + [bad, queued_cancel]}
+
+        # The container liveness probe sees this worker, and fails once it is gone.
+        check = subprocess.run(
+            support.SPOOL + ["worker-check"],
+            env=p.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert check.returncode == 0, check.stderr
+        p.workers[0].stop()  # a warm shutdown withdraws its liveness record
+        check = subprocess.run(
+            support.SPOOL + ["worker-check"],
+            env=p.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert check.returncode != 0
     finally:
         p.close()
 
