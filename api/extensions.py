@@ -20,12 +20,20 @@ class SpoolApi(Api):
 
 
 def rate_limit_key() -> str:
-    """Limits are per user: the token's subject, else the client address."""
+    """Limits are per user: the token's subject, else the client address.
+
+    Limited views run after `jwt_required`, so the verified claims are already there;
+    reading them (not verifying again) saves a JWT decode and a user look-up per call,
+    and flask-limiter calls this more than once per request.
+    """
     try:
-        verify_jwt_in_request(optional=True)
         claims = get_jwt()
-    except Exception:
-        claims = {}
+    except RuntimeError:  # no token verified yet on this request
+        try:
+            verify_jwt_in_request(optional=True)
+            claims = get_jwt()
+        except Exception:  # a bad token is answered 401 by the view itself
+            claims = {}
     sub = claims.get("sub") if claims else None
     return f"user:{sub}" if sub else f"ip:{request.remote_addr}"
 
