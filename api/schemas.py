@@ -12,6 +12,7 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
 
+from api.webhook_guard import validate_webhook_url
 from spool import registry
 from spool.registry import ModelSpec
 
@@ -128,6 +129,9 @@ class TextInputSchema(LimitedInput):
     top_p = fields.Float(validate=validate.Range(0, 1, min_inclusive=False))
     seed = fields.Integer(validate=SEED, allow_none=True)
     stop = StopField()
+    # Beyond API.md: a floor on generated tokens (benchmarks; random-weight test models
+    # would otherwise stop at once).
+    min_tokens = fields.Integer(validate=validate.Range(0, 1_000_000))
 
     @validates_schema
     def _one_prompt(self, data: dict, **_: Any) -> None:
@@ -135,6 +139,8 @@ class TextInputSchema(LimitedInput):
             raise ValidationError("give exactly one of `prompt` or `messages`", "prompt")
         errors: dict[str, list[str]] = {}
         self._max(errors, data, "max_tokens", "max_tokens")
+        if data.get("min_tokens", 0) > data.get("max_tokens", self.limits.get("max_tokens", 0) or 0):
+            errors.setdefault("min_tokens", []).append("must not exceed max_tokens")
         limit = self.limits.get("max_prompt_chars")
         if limit and len(data.get("prompt") or "") > limit:
             errors.setdefault("prompt", []).append(f"must be at most {limit} characters")
@@ -149,11 +155,24 @@ INPUT_SCHEMAS: dict[str, type[LimitedInput]] = {
 }
 
 
+# One input schema instance per model: building a schema costs more than loading with
+# it, and a batch loads tens of thousands of inputs. Loading keeps no state on it.
+_input_schemas: dict[tuple[str, str], tuple[ModelSpec, LimitedInput]] = {}
+
+
+def input_schema(spec: ModelSpec) -> LimitedInput:
+    cached = _input_schemas.get((spec.name, spec.kind))
+    if cached is None or cached[0] is not spec:  # the registry was reloaded
+        cached = (spec, INPUT_SCHEMAS[spec.kind](spec.limits))
+        _input_schemas[(spec.name, spec.kind)] = cached
+    return cached[1]
+
+
 def load_input(spec: ModelSpec, raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValidationError({"input": ["must be an object"]})
     try:
-        return INPUT_SCHEMAS[spec.kind](spec.limits).load(raw)
+        return input_schema(spec).load(raw)
     except ValidationError as exc:
         raise ValidationError({"input": exc.messages}) from exc
 
@@ -166,7 +185,7 @@ class JobCreateSchema(Strict):
     input = fields.Dict(required=True, metadata={"description": "kind-specific input (API.md)"})
     priority = fields.String(validate=PRIORITY)
     webhook = fields.Url(schemes={"http", "https"}, require_tld=False,
-                         validate=validate.Length(max=2000))
+                         validate=[validate.Length(max=2000), validate_webhook_url])
     webhook_events = fields.List(fields.String(validate=WEBHOOK_EVENTS),
                                  validate=validate.Length(1, 3))
     ttl_s = fields.Integer(validate=validate.Range(1, 30 * 86400))

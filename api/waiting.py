@@ -28,10 +28,7 @@ def _status(job_id: str) -> str | None:
 def wait_terminal(job_id: str, timeout_s: float) -> bool:
     """Block up to timeout_s for the job to end; True when it has."""
     deadline = time.monotonic() + timeout_s
-    try:
-        after: str | None = events.last_id(job_id)  # taken before the DB read: no lost wake-up
-    except redis.RedisError:
-        after = None
+    ended = False
     while True:
         status = _status(job_id)
         if status is None or is_terminal(status):
@@ -39,13 +36,11 @@ def wait_terminal(job_id: str, timeout_s: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if after is None:
-            time.sleep(min(left, 1.0))  # Redis down: degrade to a slow re-check
-            continue
+        if ended:  # announced before its commit landed (the sweeper does so): let it land
+            time.sleep(min(left, 0.02))
         try:
-            got = events.wait(job_id, after, min(left, RECHECK_S))
+            # Wakes once, on the terminal status (a stream of its own), never on the
+            # progress and token events of a running job.
+            ended = events.wait_end(job_id, min(left, RECHECK_S))
         except redis.RedisError:
-            after = None
-            continue
-        if got:
-            after = got[-1].id
+            time.sleep(min(left, 1.0))  # Redis down: degrade to a slow re-check

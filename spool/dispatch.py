@@ -16,6 +16,7 @@ from functools import lru_cache
 import redis
 from celery import Celery
 from kombu.exceptions import KombuError
+from kombu.utils.uuid import uuid
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def send(messages: Iterable[Message]) -> int:
     app = celery_app()
     sent = 0
     messages = list(messages)
+    if len(messages) >= BATCHED_MIN:
+        return _send_batched(app, messages)
     try:
         with app.producer_or_acquire() as producer:
             for m in messages:
@@ -55,6 +58,53 @@ def send(messages: Iterable[Message]) -> int:
                     retry=False,
                 )
                 sent += 1
+    except (redis.RedisError, KombuError, OSError) as exc:
+        log.warning(
+            "sent %d of %d job messages, the sweeper sends the rest: %s",
+            sent,
+            len(messages),
+            exc,
+        )
+    return sent
+
+
+# A batch's tokens go out in Redis pipelines of this many (kombu's Producer.batch):
+# one round trip per chunk instead of one (plus a Redis client object) per message.
+BATCHED_MIN = 32
+BATCH_CHUNK = 1000
+
+
+def _send_batched(app: Celery, messages: list[Message]) -> int:
+    """Celery's own messages and publish, batched: 50,000 tokens in seconds, not minutes.
+
+    kombu batches Redis publishes only on a connection without `retry_on_timeout` (a
+    replayed pipeline could send twice), so this uses a connection of its own without
+    it: a timeout mid-chunk can only lose tokens, which the sweeper tops up. The
+    messages are built with `amqp.create_task_message`/`send_task_message`, what
+    `send_task` calls, without its per-call routing and repr work; `declare=[]`
+    because the workers declare their queues, and an anonymous-exchange publish
+    needs no binding lookup.
+    """
+    amqp = app.amqp
+    options = {**app.conf.broker_transport_options, "retry_on_timeout": False}
+    sent = 0
+    try:
+        with app.connection_for_write(transport_options=options) as conn:
+            producer = amqp.Producer(conn)
+            with producer.batch(BATCH_CHUNK) as batch:
+                for start in range(0, len(messages), BATCH_CHUNK):
+                    chunk = messages[start : start + BATCH_CHUNK]
+                    for m in chunk:
+                        args = [m.job_id, m.queue]
+                        message = amqp.create_task_message(
+                            uuid(), RUN_JOB, args, {}, argsrepr=repr(args), kwargsrepr="{}"
+                        )
+                        amqp.send_task_message(
+                            producer, RUN_JOB, message, queue=m.queue, priority=m.priority,
+                            retry=False, declare=[],
+                        )  # fmt: skip
+                    batch.flush()
+                    sent += len(chunk)
     except (redis.RedisError, KombuError, OSError) as exc:
         log.warning(
             "sent %d of %d job messages, the sweeper sends the rest: %s",

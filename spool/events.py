@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -26,6 +27,10 @@ STREAM_TTL_S = 24 * 3600
 
 def stream_key(job_id: str) -> str:
     return f"spool:ev:{job_id}"
+
+
+def end_key(job_id: str) -> str:
+    return f"spool:end:{job_id}"
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,72 @@ def publish(
         log.warning("event %s for %s not published: %s", type_, job_id, exc)
 
 
+def publish_many(items: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
+    """Append many (job_id, type, data) events in one round trip, in order; never raises.
+
+    For the events of a running job (progress, tokens): its stream's expiry is set by the
+    status events around them (running, then the end), so it is not set again here.
+    """
+    batch = list(items)
+    if not batch:
+        return
+    try:
+        with redisconn.client().pipeline(transaction=False) as pipe:
+            for job_id, type_, data in batch:
+                pipe.xadd(
+                    stream_key(job_id),
+                    {"type": type_, "data": json.dumps(data)},
+                    maxlen=STREAM_MAXLEN,
+                )
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("%d events not published: %s", len(batch), exc)
+
+
 def publish_status(job_id: str, status: str, extra: dict[str, Any] | None = None) -> None:
     """A status change; a terminal one is followed by `done`, which ends SSE streams."""
-    publish(job_id, "status", {"status": status, **(extra or {})})
-    if status in TERMINAL:
-        publish(job_id, "done", {"status": status})
+    if status not in TERMINAL:
+        publish(job_id, "status", {"status": status, **(extra or {})})
+        return
+    try:
+        with redisconn.client().pipeline(transaction=False) as pipe:
+            key = stream_key(job_id)
+            last = [("status", {"status": status, **(extra or {})}), ("done", {"status": status})]
+            for type_, data in last:
+                pipe.xadd(key, {"type": type_, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN)
+            pipe.expire(key, STREAM_TTL_S)
+            _mark_ended(pipe, job_id, status)
+            pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("event %s for %s not published: %s", status, job_id, exc)
+
+
+def _mark_ended(pipe: Any, job_id: str, status: str) -> None:
+    # A stream of its own that only a terminal status writes: long polls block on it and
+    # wake once, not on each of a text job's progress and token events.
+    pipe.xadd(end_key(job_id), {"status": status}, maxlen=1)
+    pipe.expire(end_key(job_id), STREAM_TTL_S)
+
+
+def publish_status_many(changes: Iterable[tuple[str, str]], chunk: int = 1000) -> None:
+    """publish_status for many (job_id, status) pairs, pipelined (a batch cancel)."""
+    r = redisconn.client()
+    items = list(changes)
+    try:
+        for start in range(0, len(items), chunk):
+            with r.pipeline(transaction=False) as pipe:
+                for job_id, status in items[start : start + chunk]:
+                    key = stream_key(job_id)
+                    types = ("status", "done") if status in TERMINAL else ("status",)
+                    for type_ in types:
+                        data = json.dumps({"status": status})
+                        pipe.xadd(key, {"type": type_, "data": data}, maxlen=STREAM_MAXLEN)
+                    pipe.expire(key, STREAM_TTL_S)
+                    if status in TERMINAL:
+                        _mark_ended(pipe, job_id, status)
+                pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("status events of %d jobs not all published: %s", len(items), exc)
 
 
 def last_id(job_id: str, client: redis.Redis | None = None) -> str:
@@ -87,3 +153,10 @@ def wait(job_id: str, after: str, block_s: float) -> list[Event]:
     if not res:
         return []
     return _decode(res[0][1])
+
+
+def wait_end(job_id: str, block_s: float) -> bool:
+    """Block until the job has ended (at once if it already had), or block_s passes."""
+    r = redisconn.blocking_client()
+    res: Any = r.xread({end_key(job_id): "0-0"}, block=max(1, int(block_s * 1000)), count=1)
+    return bool(res)

@@ -1,4 +1,5 @@
-"""SQLAlchemy models: PostgreSQL is the source of truth for users, keys and jobs.
+"""SQLAlchemy models: PostgreSQL is the source of truth for users, keys, jobs, batches
+and webhook deliveries.
 
 The schema only changes through Alembic migrations (migrations/versions).
 """
@@ -123,3 +124,102 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), index=True
     )
+
+
+# Asked at every job end of a batch ("is any job of it unfinished?"): an index probe,
+# where ix_jobs_batch would walk the batch's finished jobs. Defined beside the class
+# so that Job itself stays as migration 0001 made it; 0002 creates it.
+Index(
+    "ix_jobs_batch_unfinished",
+    Job.batch_id,
+    postgresql_where=text(
+        "batch_id IS NOT NULL AND status IN ('queued', 'running', 'canceling')"
+    ),
+)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # Submit order, for cursor pagination (as jobs.seq).
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=False), unique=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    # queued until it ends (running is derived from its jobs' live counts); then
+    # completed, or canceled (set at the cancel; finished_at when its last job ends).
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    webhook: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[Any | None] = mapped_column("metadata", JSONB)
+    total: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    canceled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_batches_user_seq", "user_id", "seq"),
+        Index("ix_batches_open", "created_at", postgresql_where=text("finished_at IS NULL")),
+    )
+
+
+class WebhookDelivery(Base):
+    """One event for one URL. Its id is the Standard Webhooks `webhook-id`, the same on
+    every attempt; the row, not a Celery message, is what guarantees delivery."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    batch_id: Mapped[str | None] = mapped_column(String(40))
+    event: Mapped[str] = mapped_column(String(32))
+    # The job or batch object as it was when the event happened.
+    payload: Mapped[Any] = mapped_column(JSONB)
+    url: Mapped[str] = mapped_column(Text)
+    # pending → delivered | given_up | gone (410) | refused (SSRF at delivery)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set by the attempt that holds the delivery; its outcome is recorded only if it still does.
+    claim_token: Mapped[str | None] = mapped_column(String(40))
+    # When its wake-up message was last sent: the sweeper re-sends only stale ones.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status: Mapped[int | None] = mapped_column(SmallInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+        Index("ix_webhook_deliveries_created", "created_at"),  # retention
+        Index(
+            "ix_webhook_deliveries_job",
+            "job_id",
+            "created_at",
+            postgresql_where=text("job_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_webhook_deliveries_batch",
+            "batch_id",
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
+    )
+
+
+class WebhookAttempt(Base):
+    """Every HTTP attempt of a delivery: when, the status or the error, how long."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_webhook_attempts_delivery", "delivery_id", "id"),)

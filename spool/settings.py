@@ -76,6 +76,8 @@ class Settings:
     models_file: str = ""
     artifacts_url: str = ""
     webhook_allow_private: bool = False
+    webhook_retry_scale: float = 1.0  # multiplies every webhook retry delay (tests: 0.01)
+    webhook_timeout_s: float = 15.0
     torch_threads: int = 0
     broker_visibility_timeout_s: int = 300
     metrics_port: int = 9750
@@ -105,6 +107,10 @@ class Settings:
             raise ConfigError("SPOOL_LEASE_S must be greater than 1 second")
         if self.max_attempts < 1:
             raise ConfigError("SPOOL_MAX_ATTEMPTS must be at least 1")
+        if not 0 < self.webhook_retry_scale <= 1000:
+            raise ConfigError("SPOOL_WEBHOOK_RETRY_SCALE must be above 0 (1 = as specified)")
+        if self.webhook_timeout_s <= 0:
+            raise ConfigError("SPOOL_WEBHOOK_TIMEOUT_S must be greater than 0")
         return self
 
 
@@ -143,6 +149,8 @@ def from_env() -> Settings:
         models_file=_env("SPOOL_MODELS_FILE", ""),
         artifacts_url=_env("SPOOL_ARTIFACTS_URL", str(var_dir / "artifacts")),
         webhook_allow_private=parse_bool(os.environ.get("SPOOL_WEBHOOK_ALLOW_PRIVATE")),
+        webhook_retry_scale=_float("SPOOL_WEBHOOK_RETRY_SCALE", 1.0),
+        webhook_timeout_s=_float("SPOOL_WEBHOOK_TIMEOUT_S", 15.0),
         torch_threads=_int("SPOOL_TORCH_THREADS", 0),
         broker_visibility_timeout_s=_int("SPOOL_BROKER_VISIBILITY_TIMEOUT_S", 300),
         metrics_port=_int("SPOOL_METRICS_PORT", 9750),

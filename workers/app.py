@@ -16,7 +16,7 @@ from spool import db, dispatch, metrics, redisconn, settings, workers_online
 log = logging.getLogger("spool.worker")
 
 app = dispatch.celery_app()
-app.conf.imports = ("workers.inference", "workers.sweeper")
+app.conf.imports = ("workers.inference", "workers.sweeper", "workers.webhooks")
 
 WORKER_NAME = os.environ.get("SPOOL_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 LIVENESS_EVERY_S = 5.0

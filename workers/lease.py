@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from spool import db, events, metrics, settings
+from spool import db, events, lifecycle, metrics, settings
 from spool.states import Status
 
 
@@ -49,7 +49,8 @@ CLAIM_SQL = text(
         started_at = now(), updated_at = now(), progress = NULL
     FROM next WHERE jobs.id = next.id
     RETURNING jobs.id, kind, model, input, attempts, timeout_s, user_id,
-        EXTRACT(EPOCH FROM now() - COALESCE(sent_at, created_at)) AS waited_s
+        EXTRACT(EPOCH FROM now() - COALESCE(sent_at, created_at)) AS waited_s,
+        webhook, webhook_events, batch_id
     """
 )
 
@@ -62,6 +63,8 @@ def claim(queue: str, worker: str) -> Claim | None:
             CLAIM_SQL,
             {"queue": queue, "tok": tok, "lease": settings.get().lease_s, "worker": worker},
         ).first()
+        if row is not None:
+            lifecycle.job_started(s, row)  # job.started webhook, in this transaction
     if row is None:
         return None
     job_id = row.id
@@ -87,10 +90,15 @@ def renew(c: Claim) -> str | None:
 
 def progress(c: Claim, current: int, total: int) -> None:
     with db.transaction() as s:
-        s.execute(
-            text("UPDATE jobs SET progress = CAST(:p AS jsonb) WHERE id = :id AND lease_token = :tok"),
+        row = s.execute(
+            text(
+                "UPDATE jobs SET progress = CAST(:p AS jsonb) "
+                f"WHERE id = :id AND lease_token = :tok RETURNING {lifecycle.RETURNING}"
+            ),
             {"id": c.job_id, "tok": c.token, "p": json.dumps({"current": current, "total": total})},
-        )
+        ).first()
+        if row is not None:
+            lifecycle.job_progress(s, row)
 
 
 def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | None = None) -> bool:
@@ -102,7 +110,8 @@ def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | No
                 "error = CAST(:error AS jsonb), finished_at = now(), updated_at = now(), "
                 "lease_expires_at = NULL "
                 "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
-                "RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s"
+                "RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s, "
+                f"{lifecycle.RETURNING}"
             ),
             {
                 "id": c.job_id, "tok": c.token, "status": status,
@@ -110,6 +119,8 @@ def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | No
                 "error": json.dumps(error) if error is not None else None,
             },
         ).first()
+        if row is not None:
+            lifecycle.jobs_finished(s, [row])  # job.completed webhook, the batch's end
     if row is None:
         return False
     extra: dict[str, Any] = {"error": error} if error else {}

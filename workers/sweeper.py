@@ -19,8 +19,9 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from spool import db, dispatch, events, metrics, redisconn, settings
+from spool import db, dispatch, events, lifecycle, metrics, redisconn, settings
 from spool.states import Status
+from workers import webhooks as webhook_tasks
 from workers.app import app
 
 log = logging.getLogger("spool.sweeper")
@@ -28,6 +29,7 @@ log = logging.getLogger("spool.sweeper")
 LOCK_KEY = "spool:sweep-lock"
 CHUNK = 5000
 TIMEOUT_GRACE_S = 10
+RETURNING = "RETURNING id, kind, model, webhook, webhook_events, batch_id"
 
 
 def _publish_all(rows: list[Any], status: str) -> None:
@@ -43,7 +45,7 @@ def _terminal_updates(s) -> dict[str, int]:
     expired = s.execute(text(
         "UPDATE jobs SET status = 'expired', finished_at = now(), updated_at = now(), "
         "error = '{\"code\": \"expired\", \"message\": \"ttl_s ran out before the job started\"}' "
-        "WHERE status = 'queued' AND expires_at < now() RETURNING id, kind, model"
+        "WHERE status = 'queued' AND expires_at < now() " + RETURNING
     )).all()
     _publish_all(expired, Status.EXPIRED)
     timed_out = s.execute(text(
@@ -51,13 +53,13 @@ def _terminal_updates(s) -> dict[str, int]:
         "lease_expires_at = NULL, error = jsonb_build_object('code', 'timeout', 'message', "
         "'job ran past its timeout of ' || timeout_s || ' s') "
         "WHERE status IN ('running', 'canceling') "
-        "AND started_at + make_interval(secs => timeout_s + :grace) < now() RETURNING id, kind, model"
+        "AND started_at + make_interval(secs => timeout_s + :grace) < now() " + RETURNING
     ), {"grace": TIMEOUT_GRACE_S}).all()
     _publish_all(timed_out, Status.FAILED)
     canceled = s.execute(text(
         "UPDATE jobs SET status = 'canceled', finished_at = now(), updated_at = now(), "
         "lease_expires_at = NULL, error = '{\"code\": \"canceled\", \"message\": \"canceled\"}' "
-        "WHERE status = 'canceling' AND lease_expires_at < now() RETURNING id, kind, model"
+        "WHERE status = 'canceling' AND lease_expires_at < now() " + RETURNING
     )).all()
     _publish_all(canceled, Status.CANCELED)
     lost = s.execute(text(
@@ -65,9 +67,11 @@ def _terminal_updates(s) -> dict[str, int]:
         "lease_expires_at = NULL, error = jsonb_build_object('code', 'worker_lost', 'message', "
         "'the worker died ' || attempts || ' times while running this job') "
         "WHERE status = 'running' AND lease_expires_at < now() AND attempts >= max_attempts "
-        "RETURNING id, kind, model"
+        + RETURNING
     )).all()
     _publish_all(lost, Status.FAILED)
+    # Webhooks and batch ends of these terminal changes, in their transaction.
+    lifecycle.jobs_finished(s, expired + timed_out + canceled + lost)
     counts.update(expired=len(expired), timed_out=len(timed_out), canceled=len(canceled),
                   worker_lost=len(lost))
     return counts
@@ -122,6 +126,7 @@ def sweep_once() -> dict[str, int]:
         topped = _top_up(s, r)
     sent = dispatch.send(requeued + topped)
     counts.update(requeued=len(requeued), topped_up=len(topped), sent=sent)
+    counts.update(webhook_tasks.sweep())  # lost webhook wake-ups, missed batch ends
     with db.transaction() as s:
         s.execute(text("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'"))
     if any(counts.values()):
