@@ -205,7 +205,9 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     dbm.require_head()
     from workers.app import app
 
-    conc = concurrency or settings.get().worker_concurrency
+    # Jobs of a micro-batch each hold a slot while they wait: auto-size for the largest batch.
+    largest = max((spec.max_batch_size for n in names if (spec := registry.get(n))), default=1)
+    conc = concurrency or settings.get().worker_concurrency or max(4, 2 * largest)
     app.worker_main(
         [
             "worker",

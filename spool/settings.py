@@ -57,7 +57,7 @@ class Settings:
     public_url: str = ""
     api_workers: int = 2
     api_worker_connections: int = 1000
-    worker_concurrency: int = 2
+    worker_concurrency: int = 0  # 0 = auto: enough slots to fill the largest micro-batch
     token_ttl_s: int = 3600
     rate_limit_submit: str = "50/second;2000/minute"
     rate_limit_read: str = "200/second;20000/minute"
@@ -128,7 +128,7 @@ def from_env() -> Settings:
         public_url=_env("SPOOL_PUBLIC_URL", ""),
         api_workers=_int("SPOOL_API_WORKERS", 2),
         api_worker_connections=_int("SPOOL_API_WORKER_CONNECTIONS", 1000),
-        worker_concurrency=_int("SPOOL_WORKER_CONCURRENCY", 2),
+        worker_concurrency=_int("SPOOL_WORKER_CONCURRENCY", 0),
         token_ttl_s=_int("SPOOL_TOKEN_TTL_S", 3600),
         rate_limit_submit=_env("SPOOL_RATE_LIMIT_SUBMIT", "50/second;2000/minute"),
         rate_limit_read=_env("SPOOL_RATE_LIMIT_READ", "200/second;20000/minute"),
