@@ -29,6 +29,7 @@ log = logging.getLogger("spool.sweeper")
 LOCK_KEY = "spool:sweep-lock"
 CHUNK = 5000
 TIMEOUT_GRACE_S = 10
+RETIRE_CHUNK = 1000
 RETURNING = "RETURNING id, kind, model, webhook, webhook_events, batch_id"
 
 
@@ -117,6 +118,41 @@ def _top_up(s, r: redis.Redis) -> list[dispatch.Message]:
     return out
 
 
+def _retire_outputs() -> int:
+    """Past SPOOL_RESULT_RETENTION_S: delete a job's artifacts and mark its output expired.
+
+    The row stays (the record of the job); its output becomes {"expired": true}. The
+    artifacts go first, so a crash in between leaves a job to retire again, never a
+    live output pointing at deleted files.
+    """
+    from spool.artifacts import ArtifactStore
+
+    with db.session() as s:
+        ids = list(
+            s.scalars(
+                text(
+                    "SELECT id FROM jobs WHERE finished_at < now() - make_interval(secs => :keep) "
+                    "AND output IS NOT NULL AND NOT (output ? 'expired') LIMIT :n"
+                ),
+                {"keep": settings.get().result_retention_s, "n": RETIRE_CHUNK},
+            )
+        )
+    if not ids:
+        return 0
+    store = ArtifactStore.default()
+    for job_id in ids:
+        store.delete_job(job_id)
+    with db.transaction() as s:
+        s.execute(
+            text(
+                "UPDATE jobs SET output = jsonb_build_object('expired', true, 'expired_at', now()) "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": ids},
+        )
+    return len(ids)
+
+
 def sweep_once() -> dict[str, int]:
     r = redisconn.client()
     with db.transaction() as s:
@@ -128,7 +164,10 @@ def sweep_once() -> dict[str, int]:
     counts.update(requeued=len(requeued), topped_up=len(topped), sent=sent)
     counts.update(webhook_tasks.sweep())  # lost webhook wake-ups, missed batch ends
     with db.transaction() as s:
-        s.execute(text("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'"))
+        s.execute(
+            text("DELETE FROM idempotency_keys WHERE created_at < now() - interval '24 hours'")
+        )
+    counts["retired"] = _retire_outputs()
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts
