@@ -69,6 +69,9 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     @app.before_request
     def _request_id_and_content_type():
         g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
+            # No id, filter or cursor can hold NUL; the database driver would refuse it.
+            return errors.respond(400, "NUL characters are not allowed in the URL")
         if request.method in ("POST", "PUT", "PATCH") and _has_body():
             allowed = set(JSON_TYPES)
             if request.path.startswith(NDJSON_PATHS):

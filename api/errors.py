@@ -13,7 +13,7 @@ from typing import Any
 import marshmallow as ma
 import redis
 from flask import Flask, jsonify
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,19 @@ def install(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         return respond(exc.status, exc.message, exc.code, exc.details, exc.headers)
+
+    @app.errorhandler(DataError)
+    def _unstorable(exc: Exception):
+        # PostgreSQL's jsonb refuses what JSON parsers accept: \u0000, lone surrogates,
+        # NaN/Infinity. The request is at fault, not the database: nothing was stored.
+        log.info("data refused by PostgreSQL: %s", str(exc).splitlines()[0])
+        return respond(
+            422,
+            "the request holds values PostgreSQL cannot store: NUL characters (\\u0000), "
+            "unpaired surrogates, NaN or Infinity",
+            "unstorable_value",
+            details={"body": [str(getattr(exc, "orig", exc)).splitlines()[0][:200]]},
+        )
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(DBAPIError)
