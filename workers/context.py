@@ -1,10 +1,22 @@
-"""The per-job context a backend sees: progress, tokens, cancel, deadline, artifacts."""
+"""The per-job context a backend sees: progress, tokens, cancel, deadline, artifacts.
+
+A backend reports from its batch thread at every step and every token of every job in
+the batch. None of that may wait on the network there: a decode step of a small model
+takes a few milliseconds, less than the round trips it would trigger. So the context
+hands its events, its throttled PostgreSQL progress and its cancel-flag polling to one
+courier thread per process, which sends each round's events of every running job in one
+Redis pipeline, writes the latest progress of each job, and polls every running job's
+cancel flag with one MGET. `close()` waits until the job's events are out, so the final
+status event (published by `lease.finish`) always comes after them.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -13,10 +25,122 @@ from spool.jobs import CANCEL_KEY
 from workers import lease
 from workers.backends.base import JobCanceled, JobTimedOut
 
+log = logging.getLogger("spool.worker")
+
 # Progress goes to PostgreSQL at most this often (every event still goes to Redis).
 PROGRESS_DB_EVERY_S = 0.5
-# Redis is asked about the cancel flag at most this often (it is checked every step).
+# Redis is asked about the running jobs' cancel flags this often.
 CANCEL_POLL_S = 0.05
+# close() waits at most this long for a job's events to be sent (Redis may be down).
+FLUSH_TIMEOUT_S = 5.0
+
+
+class Courier:
+    """One thread per process that does the running jobs' reporting I/O, many jobs at once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._events: list[tuple[str, str, dict[str, Any]]] = []
+        self._progress: dict[str, tuple[lease.Claim, int, int]] = {}  # latest per job
+        self._watched: dict[str, RunContext] = {}
+        self._handed = 0  # items handed in so far
+        self._done = 0  # items handed in before the last finished round
+        self._last_poll = 0.0
+        self._thread: threading.Thread | None = None
+
+    def event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
+        with self._cond:
+            self._events.append((job_id, type_, data))
+            self._handed += 1
+            self._wake()
+
+    def progress(self, claim: lease.Claim, current: int, total: int) -> None:
+        with self._cond:
+            self._progress[claim.job_id] = (claim, current, total)
+            self._handed += 1
+            self._wake()
+
+    def watch(self, ctx: RunContext) -> None:
+        with self._cond:
+            self._watched[ctx.job_id] = ctx
+            self._wake()
+
+    def unwatch(self, ctx: RunContext) -> None:
+        with self._cond:
+            if self._watched.get(ctx.job_id) is ctx:
+                del self._watched[ctx.job_id]
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Wait until everything handed in so far is sent; False if that took too long."""
+        with self._cond:
+            target = self._handed
+            return self._cond.wait_for(lambda: self._done >= target, timeout)
+
+    def _wake(self) -> None:  # with the lock held
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="spool-courier", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._events or self._progress):
+                    if not self._watched:
+                        self._cond.wait()
+                        continue
+                    left = self._last_poll + CANCEL_POLL_S - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, self._events = self._events, []
+                progress, self._progress = self._progress, {}
+                watched = list(self._watched.values())
+                handed = self._handed
+            try:
+                events.publish_many(batch)  # in order, one round trip; never raises
+                for claim, current, total in progress.values():
+                    self._save_progress(claim, current, total)
+                now = time.monotonic()
+                if watched and now - self._last_poll >= CANCEL_POLL_S:
+                    self._last_poll = now
+                    _poll_cancel(watched)
+            finally:
+                with self._cond:
+                    self._done = handed
+                    self._cond.notify_all()
+
+    @staticmethod
+    def _save_progress(claim: lease.Claim, current: int, total: int) -> None:
+        try:
+            lease.progress(claim, current, total)
+        except Exception as exc:  # progress is advisory: the job goes on
+            log.warning("progress of %s not saved: %s", claim.job_id, exc)
+
+
+def _poll_cancel(watched: list[RunContext]) -> None:
+    try:
+        keys = [CANCEL_KEY.format(ctx.job_id) for ctx in watched]
+        flags = cast(list[str | None], redisconn.client().mget(keys))
+    except redis.RedisError:
+        return  # the heartbeat still sees `canceling` in PostgreSQL
+    for ctx, flag in zip(watched, flags, strict=True):
+        if flag is not None:
+            ctx.cancel_event.set()
+
+
+_courier: Courier | None = None
+_courier_pid = 0
+_courier_lock = threading.Lock()
+
+
+def courier() -> Courier:
+    """This process's courier (a forked child builds its own: threads do not survive fork)."""
+    global _courier, _courier_pid
+    with _courier_lock:
+        if _courier is None or _courier_pid != os.getpid():
+            _courier, _courier_pid = Courier(), os.getpid()
+        return _courier
 
 
 class RunContext:
@@ -28,19 +152,20 @@ class RunContext:
         self.cancel_event = threading.Event()
         self.lost = threading.Event()  # the sweeper took the job back
         self._base_url = base_url
-        self._last_db = 0.0
-        self._last_cancel_poll = 0.0
+        self._last_db = time.monotonic()  # a job done within PROGRESS_DB_EVERY_S writes once
+        self._courier = courier()
+        self._courier.watch(self)
 
     # --- reporting ----------------------------------------------------------------
     def progress(self, current: int, total: int) -> None:
-        events.publish(self.job_id, "progress", {"current": current, "total": total})
+        self._courier.event(self.job_id, "progress", {"current": current, "total": total})
         now = time.monotonic()
         if now - self._last_db >= PROGRESS_DB_EVERY_S or current >= total:
             self._last_db = now
-            lease.progress(self.claim, current, total)
+            self._courier.progress(self.claim, current, total)
 
     def token(self, text: str) -> None:
-        events.publish(self.job_id, "token", {"text": text})
+        self._courier.event(self.job_id, "token", {"text": text})
 
     def save_artifact(self, name: str, data: bytes, content_type: str) -> str:
         from spool.artifacts import ArtifactStore
@@ -48,19 +173,15 @@ class RunContext:
         ArtifactStore.default().put(self.job_id, name, data)
         return f"{self._base_url}/v1/files/{self.job_id}/{name}"
 
+    def close(self) -> None:
+        """The job is over: stop polling its cancel flag; wait until its events are sent."""
+        self._courier.unwatch(self)
+        if not self._courier.flush():
+            log.warning("events of %s still unsent after %.0f s", self.job_id, FLUSH_TIMEOUT_S)
+
     # --- stopping -----------------------------------------------------------------
     def canceled(self) -> bool:
-        if self.cancel_event.is_set():
-            return True
-        now = time.monotonic()
-        if now - self._last_cancel_poll >= CANCEL_POLL_S:
-            self._last_cancel_poll = now
-            try:
-                if redisconn.client().exists(CANCEL_KEY.format(self.job_id)):
-                    self.cancel_event.set()
-            except redis.RedisError:
-                pass  # the heartbeat still sees `canceling` in PostgreSQL
-        return self.cancel_event.is_set()
+        return self.cancel_event.is_set()  # set by the courier's poll or the heartbeat
 
     def check(self) -> None:
         if self.lost.is_set():

@@ -6,6 +6,8 @@ import logging
 import threading
 from typing import Any
 
+from sqlalchemy.exc import DataError
+
 from spool import registry, settings
 from spool.states import Status
 from workers import lease
@@ -43,6 +45,21 @@ def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
     return result
 
 
+def _finish(c: lease.Claim, status: str, out: Any, err: dict[str, str] | None) -> bool:
+    try:
+        return lease.finish(c, status, out, err)
+    except DataError as exc:
+        # An output PostgreSQL refuses (e.g. NUL in text) would fail again on every retry:
+        # fail the job now with the reason, instead of letting its lease run out.
+        log.error("job output could not be stored", extra={"job_id": c.job_id})
+        return lease.finish(
+            c,
+            Status.FAILED,
+            None,
+            _error("unstorable_output", f"the output could not be stored: {exc.orig}"),
+        )
+
+
 @app.task(name="spool.run_job", ignore_result=True)
 def run_job(hint: str, queue: str) -> str:
     """Run the best queued job of `queue` (`hint`: the job whose submission sent this)."""
@@ -75,7 +92,8 @@ def run_job(hint: str, queue: str) -> str:
         )
     finally:
         beat.stop()
-    if ctx.lost.is_set() or not lease.finish(c, status, out, err):
+        ctx.close()  # its progress and token events go out before its final status
+    if ctx.lost.is_set() or not _finish(c, status, out, err):
         log.warning(
             "job was taken back before it finished; outcome dropped", extra={"job_id": job_id}
         )

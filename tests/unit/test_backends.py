@@ -211,6 +211,25 @@ def test_text_stop_string_ends_and_is_not_streamed(llm_backend: Any) -> None:
     assert "".join(ctx.tokens) == out["text"]
 
 
+def test_text_byte_zero_is_stored_as_replacement_char(llm_backend: Any) -> None:
+    # Random weights emit byte 0 now and then; PostgreSQL's jsonb refuses U+0000, so such
+    # an output could never be recorded and the job would be retried until worker_lost.
+    import torch
+
+    from workers.backends.llm import _Row
+
+    tok = llm_backend.tokenizer
+    nul, a = tok.convert_tokens_to_ids("\u0100"), tok.convert_tokens_to_ids("a")
+    assert tok.decode([nul, a]) == "\x00a"  # byte-level BPE: byte 0 is the token "Ā"
+    ctx = RecordingContext({})
+    row = _Row(
+        index=0, ctx=ctx, prompt_ids=[1], max_new=2, min_new=0, temperature=1.0, top_p=1.0,
+        stop=[], generator=torch.Generator(),
+    )  # fmt: skip
+    assert not llm_backend._advance(row, nul) and llm_backend._advance(row, a)
+    assert row.result["text"] == "".join(ctx.tokens) == "\ufffda"
+
+
 def test_held_back_is_the_longest_pending_stop_prefix(torch_one_thread: Any) -> None:
     from workers.backends.llm import _held_back
 
@@ -309,6 +328,33 @@ def test_broken_model_dir_is_a_load_error(torch_one_thread: Any, tmp_path: Path,
     )
     with pytest.raises(ModelLoadError, match=r"model tiny-(sd|llm) failed to load from"):
         backend.setup()
+
+
+def test_models_load_at_the_same_time_in_one_process(tiny_models: dict[str, Path]) -> None:
+    # A worker's warm-up thread and a job's first load of another model can overlap.
+    import threading
+
+    from workers.backends.diffusion import DiffusionBackend
+    from workers.backends.llm import LLMBackend
+
+    backends: list[Any] = [DiffusionBackend(sd_spec(tiny_models["tiny-sd"])) for _ in range(2)]
+    backends.append(LLMBackend(llm_spec(tiny_models["tiny-llm"])))
+    errors: list[BaseException] = []
+
+    def load(backend: Any) -> None:
+        try:
+            backend.setup()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(b,)) for b in backends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    out, _ = _alone(backends[1], {"prompt": "a cat", "seed": 1, "steps": 1})
+    assert "images" in out
 
 
 def test_backends_are_registered_by_kind(torch_one_thread: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from workers.backends import echo  # noqa: F401  (registers itself)
+from workers.backends import echo  # noqa: F401  (importing it registers the backend)
 from workers.backends.base import _REGISTRY, Backend, ModelLoadError, register
 
 __all__ = ["Backend", "backend_class", "register"]

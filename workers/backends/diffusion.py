@@ -66,10 +66,11 @@ class DiffusionBackend(Backend):
         dtype = hf.dtype_for(self.spec, self.device)
         source = hf.model_source(self.spec)
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                source, dtype=dtype, **hf.load_kwargs(self.spec)
-            )
-            pipe = pipe.to(self.device)
+            with hf.LOAD_LOCK:
+                pipe = AutoPipelineForText2Image.from_pretrained(
+                    source, dtype=dtype, **hf.load_kwargs(self.spec)
+                )
+                pipe = pipe.to(self.device)
         except Exception as exc:  # any failure here means the model is unusable
             raise hf.load_failed(self.spec, source, exc) from exc
         pipe.set_progress_bar_config(disable=True)

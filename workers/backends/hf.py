@@ -32,6 +32,11 @@ _DTYPES = {
 
 _prepared = False
 _prepare_lock = threading.Lock()
+# One model loads at a time in a process: `from_pretrained` builds models under
+# accelerate's init_empty_weights, which patches torch.nn.Module for every thread, so two
+# loads at once (the warm-up thread and a job's first load of another model) leave each
+# other's weights on the meta device ("Cannot copy out of meta tensor").
+LOAD_LOCK = threading.Lock()
 
 
 class InvalidInput(ValueError):

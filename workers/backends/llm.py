@@ -64,11 +64,12 @@ class LLMBackend(Backend):
         source = hf.model_source(self.spec)
         try:
             kwargs = hf.load_kwargs(self.spec)
-            tokenizer = AutoTokenizer.from_pretrained(
-                source, local_files_only=kwargs["local_files_only"]
-            )
-            model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-            model = model.to(self.device).eval()
+            with hf.LOAD_LOCK:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source, local_files_only=kwargs["local_files_only"]
+                )
+                model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+                model = model.to(self.device).eval()
         except Exception as exc:  # any failure here means the model is unusable
             raise hf.load_failed(self.spec, source, exc) from exc
         tokenizer.padding_side = "left"
@@ -299,7 +300,9 @@ class LLMBackend(Backend):
         after = decode(row.ids[row.prefix_offset :], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             row.prefix_offset, row.read_offset = row.read_offset, len(row.ids)
-            return after[len(before) :]
+            # PostgreSQL's jsonb cannot hold U+0000 (the output would never be stored):
+            # byte 0 becomes U+FFFD, as any byte that does not decode does.
+            return after[len(before) :].replace("\x00", "\ufffd")
         return ""
 
 

@@ -1,0 +1,430 @@
+"""GPU efficiency through the platform: tiny-llm and tiny-sd jobs/s under concurrent clients.
+
+    python -m bench.bench_inference_platform [--clients 16] [--seconds 8] [--only llm|sd]
+
+One isolated platform (API, one worker, beat; its own database and redis-server) serves
+each tiny model twice from one registry file: as itself (micro-batching on, the shipped
+max_batch_size and batch_wait_ms) and as `<model>-b1`, the same weights with
+max_batch_size 1 (micro-batching off). --clients closed-loop clients each submit a job
+with `Prefer: wait`, take the result and submit the next, for --seconds per mode, measured
+in two halves (off, on, off, on) after a warm-up each.
+Every job does the same work: fixed seeds; text jobs make exactly 32 tokens (`min_tokens`
+= `max_tokens`); image jobs are 64x64, 4 steps, one image. An `echo` run on the same
+platform gives its ceiling: jobs/s with no model work at all.
+
+The same backend (`predict`, what the worker runs) and the library pipeline are then
+called directly in this process (bench/bench_inference_direct.py), one torch thread on
+both sides, at batch 1 and at the batch size the platform's worker actually ran (its
+/metrics `spool_microbatch_size`).
+
+Targets (the issue): micro-batching >= 2.5x the unbatched throughput for tiny-llm; the
+platform >= 80% of the direct call's throughput at the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+
+from bench import bench_inference_direct as direct
+from bench.common import (
+    UNREACHABLE_LIMITS,
+    BenchPlatform,
+    CpuMeter,
+    Http,
+    HttpError,
+    Latencies,
+    header,
+    login,
+    table,
+)
+from spool import registry, settings
+from spool.tiny_models import init_tiny
+from tests import support
+
+TOKENS = direct.LLM_TOKENS
+SD_INPUT = direct.SD_INPUT
+WARMUP_S = 1.5
+MODELS = {"llm": ("tiny-llm", "text.generate"), "sd": ("tiny-sd", "image.generate")}
+COMPONENTS = ("worker", "api", "postgres", "redis", "client (bench)")
+console = Console(width=150)  # the tables are wide; keep them whole when piped
+
+
+@dataclass
+class Run:
+    model: str
+    jobs_s: float
+    done: int
+    errors: int
+    p50_ms: float
+    mean_batch: float
+    cpu_ms_per_job: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def unbatched(self) -> bool:
+        return self.model.endswith("-b1")
+
+
+# --- the platform side -----------------------------------------------------------------
+
+
+def job_body(model: str, kind: str, i: int) -> dict[str, Any]:
+    """Job i of a run; the same i gives the same input (fixed seeds)."""
+    if kind == "text.generate":
+        data: dict[str, Any] = {
+            "prompt": f"Question {i}: what does a worker do with a job?",
+            "max_tokens": TOKENS,
+            "min_tokens": TOKENS,  # random weights emit EOS early: every job makes 32 tokens
+            "seed": i,
+        }
+    elif kind == "image.generate":
+        data = {"prompt": f"a photo of thing {i}", "seed": i, **SD_INPUT}
+    else:
+        data = {"value": i}
+    return {"kind": kind, "model": model, "input": data}
+
+
+def registry_file(models_dir: Path, out: Path) -> Path:
+    """The shipped registry with the tiny models from `models_dir`, plus a `-b1` twin each."""
+    data = yaml.safe_load(registry.DEFAULT_FILE.read_text())
+    models = data["models"]
+    for name, _ in MODELS.values():
+        models[name]["source"] = str(models_dir / name)
+        models[f"{name}-b1"] = {**models[name], "max_batch_size": 1}
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def microbatches(metrics_url: str, model: str) -> tuple[float, float]:
+    """(sum, count) of the worker's spool_microbatch_size histogram for `model`."""
+    total = count = 0.0
+    for family in text_string_to_metric_families(requests.get(metrics_url, timeout=10).text):
+        if family.name != "spool_microbatch_size":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") == model:
+                if sample.name.endswith("_sum"):
+                    total = sample.value
+                elif sample.name.endswith("_count"):
+                    count = sample.value
+    return total, count
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+async def closed_loop(
+    url: str,
+    token: str,
+    model: str,
+    kind: str,
+    clients: int,
+    seconds: float,
+    meter: CpuMeter,
+    warm_s: float = WARMUP_S,
+) -> tuple[int, int, Latencies]:
+    """Each client: POST /v1/jobs with `Prefer: wait`, check the output, repeat; the first
+    `warm_s` (the clients falling into step) are not counted."""
+    start = time.monotonic()
+    t_a, t_b = start + warm_s, start + warm_s + seconds
+    lat = Latencies()
+    counts = {"done": 0, "errors": 0}
+
+    async def one(http: Http, i: int) -> None:
+        r = await http.request(
+            "POST", "/v1/jobs", job_body(model, kind, i), headers={"Prefer": "wait=60"}
+        )
+        while r.status == 202:  # not done within the wait: long-poll the result
+            r = await http.request("GET", f"/result/{r.json()['id']}?wait=30")
+        if r.status != 200 or r.json()["status"] != "succeeded":
+            raise HttpError(f"job answered {r.status}: {r.body[:300]!r}")
+
+    async def client(c: int) -> None:
+        http = Http.for_url(url, token)
+        n = 0
+        try:
+            while time.monotonic() < t_b:
+                m0 = time.monotonic()
+                try:
+                    await one(http, (c * 100 + n) % 1000)
+                except HttpError as exc:
+                    counts["errors"] += 1
+                    if counts["errors"] <= 3:
+                        console.print(f"[red]error[/red] {exc}")
+                    continue
+                finally:
+                    n += 1
+                m1 = time.monotonic()
+                if t_a <= m1 <= t_b:
+                    counts["done"] += 1
+                    lat.add(m1 - m0)
+        finally:
+            await http.close()
+
+    async def metering() -> None:
+        await asyncio.sleep(warm_s)
+        meter.start()
+        await asyncio.sleep(seconds)
+        meter.stop()
+
+    await asyncio.gather(metering(), *(client(c) for c in range(clients)))
+    return counts["done"], counts["errors"], lat
+
+
+def measure(
+    plat: BenchPlatform,
+    token: str,
+    metrics_url: str,
+    model: str,
+    kind: str,
+    seconds: float,
+    clients: int,
+    first: bool = True,
+) -> Run:
+    """Jobs/s of `model` in one window; CPU per job by process."""
+    if first:  # load the model (a `-b1` twin loads on its first job), warm its kernels
+        asyncio.run(closed_loop(plat.url, token, model, kind, 2, 0.5, CpuMeter({}), warm_s=0.5))
+    before = microbatches(metrics_url, model)
+    meter = CpuMeter(plat.pids())
+    done, errors, lat = asyncio.run(
+        closed_loop(plat.url, token, model, kind, clients, seconds, meter)
+    )
+    after = microbatches(metrics_url, model)
+    batches = after[1] - before[1]
+    mean_batch = (after[0] - before[0]) / batches if batches else 1.0
+    cpu = {k: 1000 * v / max(done, 1) for k, v in meter.used.items()}
+    return Run(model, done / seconds, done, errors, lat.ms(50), mean_batch, cpu)
+
+
+def merged(runs: list[Run]) -> Run:
+    """Windows of one model taken at different times, as one run (jobs/s over all of them)."""
+    done = sum(r.done for r in runs)
+    seconds = sum(r.done / r.jobs_s for r in runs if r.jobs_s)
+    cpu: dict[str, float] = {}
+    for r in runs:
+        for k, v in r.cpu_ms_per_job.items():
+            cpu[k] = cpu.get(k, 0.0) + v * r.done / max(done, 1)
+    return Run(
+        runs[0].model,
+        done / seconds if seconds else 0.0,
+        done,
+        sum(r.errors for r in runs),
+        sorted(r.p50_ms for r in runs)[len(runs) // 2],
+        sum(r.mean_batch * r.done for r in runs) / max(done, 1),
+        cpu,
+    )
+
+
+def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
+    metrics_port = support.free_port()
+    plat = BenchPlatform(
+        "inference",
+        # Enough slots for every client's job to reach the batcher at once.
+        SPOOL_WORKER_CONCURRENCY=str(max(args.clients, 16)),
+        SPOOL_TORCH_THREADS="1",
+        SPOOL_METRICS_PORT=str(metrics_port),
+        TRANSFORMERS_VERBOSITY="error",
+        HF_HUB_OFFLINE="1",
+        **UNREACHABLE_LIMITS,
+    )
+    runs = []
+    try:
+        plat.var_dir.mkdir(parents=True, exist_ok=True)
+        reg = registry_file(models_dir, plat.var_dir / "models.yaml")
+        plat.p.extra_env["SPOOL_MODELS_FILE"] = str(reg)
+        plat.p.start_api()
+        served = ["echo"] + [f"{m},{m}-b1" for m, _ in args.models]
+        plat.p.start_worker(",".join(served), queues="spool.cpu")
+        plat.p.start_beat()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        support.wait_until(lambda: _answers(metrics_url), timeout=60, what="worker metrics")
+        token = asyncio.run(login(plat.url, plat.users(1)[0]))
+        for model, kind in args.models:
+            # Off, on, off, on: the machine's other load drifts; both modes see the same.
+            windows: dict[str, list[Run]] = {f"{model}-b1": [], model: []}
+            for i in range(2):
+                for name, got in windows.items():
+                    got.append(
+                        measure(
+                            plat,
+                            token,
+                            metrics_url,
+                            name,
+                            kind,
+                            args.seconds / 2,
+                            args.clients,
+                            first=i == 0,
+                        )
+                    )
+            runs += [merged(got) for got in windows.values()]
+        # Last: the worker's start-up (model loading) is long over.
+        runs.append(measure(plat, token, metrics_url, "echo", "echo", 4.0, args.clients))
+    finally:
+        plat.close()
+    return runs
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def report(args: argparse.Namespace, runs: list[Run], var_dir: Path) -> list[dict[str, Any]]:
+    rows: list[tuple[Any, ...]] = []
+    targets: list[tuple[str, str, str]] = []
+    out: list[dict[str, Any]] = []
+    echo = next(r for r in runs if r.model == "echo")
+    rows.append(
+        (
+            "echo",
+            "platform (no model work: its ceiling)",
+            "-",
+            echo.jobs_s,
+            "-",
+            echo.p50_ms,
+            echo.errors,
+        )
+    )
+    out.append({"path": "platform", **asdict(echo)})
+    for model, kind in args.models:
+        off = next(r for r in runs if r.model == f"{model}-b1")
+        on = next(r for r in runs if r.model == model)
+        n_on = max(1, round(on.mean_batch))
+        spec = registry.get(model)
+        n_max = spec.max_batch_size if spec else n_on
+        bench = direct.bench_llm if kind == "text.generate" else direct.bench_sd
+        # The full batch too where it is cheap (a tiny-sd batch of 8 takes seconds per call).
+        sizes = {1, n_on, n_max} if kind == "text.generate" else {1, n_on}
+        ref = {(d.path, d.batch): d for d in bench(var_dir, sorted(sizes), args.repeats)}
+        per_job = TOKENS if kind == "text.generate" else 1
+        for run, n in ((off, 1), (on, n_on)):
+            mode = "off" if run.unbatched else "on"
+            rows.append(
+                (
+                    model,
+                    f"platform, micro-batching {mode}",
+                    f"{run.mean_batch:.1f}",
+                    run.jobs_s,
+                    run.jobs_s * per_job,
+                    run.p50_ms,
+                    run.errors,
+                )
+            )
+            out.append({"path": "platform", **asdict(run)})
+            for path in ("backend", "pipeline"):
+                d = ref[(path, n)]
+                label = "direct backend.predict" if path == "backend" else "direct library call"
+                rows.append(
+                    (
+                        model,
+                        label,
+                        str(n),
+                        d.jobs_s,
+                        (d.jobs_s or 0) * per_job,
+                        1000 * d.seconds,
+                        "",
+                    )
+                )
+            backend = ref[("backend", n)].jobs_s or float("nan")
+            share = run.jobs_s / backend
+            targets.append(
+                (
+                    f"{model}, micro-batching {mode}: platform ≥ 80% of direct at batch {n}",
+                    f"{share:.0%}",
+                    "met" if share >= 0.8 else "MISSED",
+                )
+            )
+        for path in ("backend", "pipeline") if n_max in sizes - {1, n_on} else ():
+            d = ref[(path, n_max)]
+            label = f"direct {'backend.predict' if path == 'backend' else 'library call'} (max)"
+            rows.append(
+                (
+                    model,
+                    label,
+                    str(n_max),
+                    d.jobs_s,
+                    (d.jobs_s or 0) * per_job,
+                    1000 * d.seconds,
+                    "",
+                )
+            )
+        out += [{"path": f"direct {d.path}", **asdict(d)} for d in ref.values()]
+        speedup = on.jobs_s / off.jobs_s if off.jobs_s else float("nan")
+        if model == "tiny-llm":
+            verdict = "met" if speedup >= 2.5 else "MISSED"
+            targets.append(
+                ("tiny-llm: micro-batching ≥ 2.5x unbatched", f"{speedup:.2f}x", verdict)
+            )
+        else:
+            targets.append(
+                (f"{model}: micro-batching vs unbatched (no target)", f"{speedup:.2f}x", "-")
+            )
+
+    unit = "tokens/s (llm) or images/s (sd)"
+    console.print(
+        table(
+            f"Through the platform vs direct: {args.clients} closed-loop clients, "
+            f"{args.seconds:.0f} s window; tiny-llm {TOKENS} tokens/job, tiny-sd "
+            f"{SD_INPUT['width']}x{SD_INPUT['height']} {SD_INPUT['steps']} steps/job; "
+            "1 torch thread",
+            ["model", "path", "batch", "jobs/s", unit, "p50 ms (direct: per call)", "errors"],
+            rows,
+        )
+    )
+    console.print(
+        table(
+            "CPU per job (ms) by process during the platform windows",
+            ["run", *COMPONENTS, "total"],
+            [
+                (
+                    r.model,
+                    *(r.cpu_ms_per_job.get(k, 0.0) for k in COMPONENTS),
+                    sum(r.cpu_ms_per_job.values()),
+                )
+                for r in runs
+            ],
+        )
+    )
+    console.print(table("Targets", ["target", "measured", "verdict"], targets))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured window per run")
+    ap.add_argument("--repeats", type=int, default=3, help="timed direct calls per batch size")
+    ap.add_argument("--only", choices=sorted(MODELS), default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write every row here")
+    args = ap.parse_args(argv)
+    args.models = [v for k, v in MODELS.items() if args.only in (None, k)]
+    header("GPU efficiency through the platform (tiny models)")
+    started = time.monotonic()
+
+    import torch
+
+    torch.set_num_threads(1)  # as the worker runs (SPOOL_TORCH_THREADS=1)
+    var_dir = settings.get().var_dir
+    models_dir = init_tiny(var_dir)["tiny-llm"].parent
+    runs = run_platform(args, models_dir)
+    rows = report(args, runs, var_dir)  # direct calls run now, with the platform stopped
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str))
+    console.print(f"took {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

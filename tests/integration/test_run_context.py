@@ -1,0 +1,74 @@
+"""A running job's context and its courier, on the real Redis and PostgreSQL.
+
+A backend reports from its batch thread; the courier sends in the background. What a
+client sees must not change: every event, in order, before the job's final status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from spool import events
+from spool.jobs import CANCEL_KEY
+from tests import support
+from workers import lease
+from workers.backends.base import JobCanceled
+from workers.context import CANCEL_POLL_S, RunContext
+
+
+def _context() -> RunContext:
+    claim = lease.Claim(
+        job_id=f"job_{uuid.uuid4().hex[:20]}",
+        token=uuid.uuid4().hex,
+        kind="text.generate",
+        model="tiny-llm",
+        input={},
+        attempts=1,
+        timeout_s=60,
+        user_id="usr_test",
+    )
+    return RunContext(claim)
+
+
+def test_events_of_many_jobs_go_out_in_order_before_close_returns(database_url: str) -> None:
+    steps = 300
+    contexts = [_context() for _ in range(4)]
+    for step in range(1, steps + 1):  # a batch of 4 jobs, a token and a progress per step
+        for ctx in contexts:
+            ctx.token(f"t{step} ")
+            ctx.progress(step, steps)
+    for ctx in contexts:
+        ctx.close()  # from here on lease.finish publishes the final status
+        sent = [(e.type, e.data) for e in events.history(ctx.job_id)]
+        expected: list[tuple[str, dict[str, Any]]] = []
+        for step in range(1, steps + 1):
+            progress = {"current": step, "total": steps}
+            expected += [("token", {"text": f"t{step} "}), ("progress", progress)]
+        assert sent == expected
+
+
+def test_cancel_flag_is_seen_within_a_poll(database_url: str, redis_client: Any) -> None:
+    ctx = _context()
+    try:
+        ctx.check()
+        assert not ctx.canceled()
+        redis_client.set(CANCEL_KEY.format(ctx.job_id), "1", ex=60)
+        t0 = time.monotonic()
+        support.wait_until(ctx.canceled, timeout=2, every=0.005, what="the cancel flag")
+        assert time.monotonic() - t0 < CANCEL_POLL_S + 0.5
+        with pytest.raises(JobCanceled):
+            ctx.check()
+    finally:
+        ctx.close()
+
+
+def test_a_closed_job_is_no_longer_polled(database_url: str, redis_client: Any) -> None:
+    ctx = _context()
+    ctx.close()
+    redis_client.set(CANCEL_KEY.format(ctx.job_id), "1", ex=60)
+    time.sleep(CANCEL_POLL_S * 4)
+    assert not ctx.canceled()
