@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from flask import current_app, request
 from flask.views import MethodView
 from flask_jwt_extended import jwt_required
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from api import errors, idempotency, serialize, waiting
 from api.auth import principal
@@ -16,6 +19,8 @@ from api.parsing import Blueprint
 from api.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema
 from spool import db, dispatch, jobs, metrics
 from spool.models import Job
+
+log = logging.getLogger(__name__)
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Jobs")
 
@@ -86,17 +91,26 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
             jobs.insert_rows(s, [row])
             if key is not None:
                 idempotency.complete(s, p.user_id, key, row["id"])
+            # Built before the commit: once committed, nothing may turn this into an error
+            # (a client told 503 "nothing accepted" would retry and run the job twice).
+            job = s.get(Job, row["id"])
+            assert job is not None
+            body = serialize.job(job, jobs.queue_position(s, job))
     except Exception:
         if key is not None:
             idempotency.release(p.user_id, key)
         raise
     dispatch.send(jobs.messages([row]))
     metrics.JOBS_SUBMITTED.labels(row["kind"], row["model"]).inc()
+    headers = {"Location": f"/v1/jobs/{row['id']}"}
     wait_s = prefer_wait()
-    status = 202
-    if wait_s and waiting.wait_terminal(row["id"], wait_s):
-        status = 200
-    return job_response(row["id"]), status, {"Location": f"/v1/jobs/{row['id']}"}
+    if wait_s:
+        try:
+            if waiting.wait_terminal(row["id"], wait_s):
+                return job_response(row["id"]), 200, headers
+        except (SQLAlchemyError, redis.RedisError) as exc:  # accepted all the same: say so
+            log.warning("Prefer: wait cut short for %s: %s", row["id"], exc)
+    return body, 202, headers
 
 
 @blp.route("")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 
+import marshmallow as ma
 from flask import Response
 from flask_jwt_extended import jwt_required
 from sqlalchemy import func, select, text
 
+from api import errors
+from api.errors import ErrorSchema
 from api.jobs import read_limited
 from api.parsing import Blueprint
 from api.schemas import ModelSchema
@@ -17,13 +20,20 @@ from spool.models import Job
 blp = Blueprint("ops", __name__, description="Operations")
 
 
+class StatusSchema(ma.Schema):
+    status = ma.fields.String()
+
+
 @blp.route("/healthz")
+@blp.response(200, StatusSchema)
 def healthz():
     """200 while the process is alive."""
     return {"status": "ok"}
 
 
 @blp.route("/readyz")
+@blp.response(200, StatusSchema)
+@blp.alt_response(503, schema=ErrorSchema, description="PostgreSQL or Redis is down")
 def readyz():
     """200 when PostgreSQL and Redis answer, else 503 naming what is down."""
     down: dict[str, str] = {}
@@ -37,13 +47,9 @@ def readyz():
     except Exception as exc:
         down["redis"] = str(exc)[:200]
     if down:
-        return {
-            "error": {
-                "code": "unavailable",
-                "message": "not ready: " + ", ".join(sorted(down)) + " down",
-                "details": down,
-            }
-        }, 503
+        # A Response, not a dict: the 200 schema must not filter the error body.
+        message = "not ready: " + ", ".join(sorted(down)) + " down"
+        return errors.respond(503, message, "unavailable", details=down)
     return {"status": "ready"}
 
 

@@ -31,11 +31,15 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, pool_size: int = 10) -> Engine:
+def make_engine(url: str, pool_size: int | None = None, max_overflow: int | None = None) -> Engine:
+    s = settings.get()
     return create_engine(
         normalize_url(url),
-        pool_size=pool_size,
-        max_overflow=20,
+        # Per process: every API process and worker holds up to pool + overflow
+        # connections, and together they must fit under PostgreSQL's max_connections.
+        pool_size=s.db_pool_size if pool_size is None else pool_size,
+        max_overflow=s.db_max_overflow if max_overflow is None else max_overflow,
+        pool_timeout=10,
         pool_pre_ping=True,
         pool_recycle=1800,
         # A dead database must fail a request in seconds, not hang it.

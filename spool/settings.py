@@ -81,6 +81,8 @@ class Settings:
     torch_threads: int = 0
     broker_visibility_timeout_s: int = 300
     metrics_port: int = 9750
+    db_pool_size: int = 5
+    db_max_overflow: int = 5
 
     @property
     def production(self) -> bool:
@@ -154,6 +156,8 @@ def from_env() -> Settings:
         torch_threads=_int("SPOOL_TORCH_THREADS", 0),
         broker_visibility_timeout_s=_int("SPOOL_BROKER_VISIBILITY_TIMEOUT_S", 300),
         metrics_port=_int("SPOOL_METRICS_PORT", 9750),
+        db_pool_size=_int("SPOOL_DB_POOL_SIZE", 5),
+        db_max_overflow=_int("SPOOL_DB_MAX_OVERFLOW", 5),
     ).validate()
 
 
