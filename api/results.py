@@ -50,7 +50,7 @@ def result_response(job_id: str, wait_s: float):
 @blp.alt_response(202, schema=ResultSchema, description="queued or running")
 @blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")
 def result(q: dict[str, Any], job_id: str):
-    """The job's result: 202 while running, 200 when done, 409 if it failed; `?wait=N` long-polls."""
+    """The job's result: 202 while running, 200 when done, 409 if it failed (`?wait=N`)."""
     return result_response(job_id, q["wait"])
 
 

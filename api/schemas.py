@@ -30,6 +30,7 @@ class Strict(ma.Schema):
 
 # --- auth -----------------------------------------------------------------------------
 
+
 class TokenRequestSchema(Strict):
     api_key = fields.String(required=True, validate=validate.Length(1, 200))
 
@@ -45,6 +46,7 @@ class WebhookSecretSchema(ma.Schema):
 
 
 # --- job inputs, one schema per kind ---------------------------------------------------
+
 
 class LimitedInput(Strict):
     """An input schema that also checks the model's registry limits."""
@@ -139,7 +141,9 @@ class TextInputSchema(LimitedInput):
             raise ValidationError("give exactly one of `prompt` or `messages`", "prompt")
         errors: dict[str, list[str]] = {}
         self._max(errors, data, "max_tokens", "max_tokens")
-        if data.get("min_tokens", 0) > data.get("max_tokens", self.limits.get("max_tokens", 0) or 0):
+        if data.get("min_tokens", 0) > data.get(
+            "max_tokens", self.limits.get("max_tokens", 0) or 0
+        ):
             errors.setdefault("min_tokens", []).append("must not exceed max_tokens")
         limit = self.limits.get("max_prompt_chars")
         if limit and len(data.get("prompt") or "") > limit:
@@ -179,15 +183,20 @@ def load_input(spec: ModelSpec, raw: Any) -> dict[str, Any]:
 
 # --- job requests ---------------------------------------------------------------------
 
+
 class JobCreateSchema(Strict):
     kind = fields.String(required=True, validate=validate.OneOf(list(INPUT_SCHEMAS)))
     model = fields.String(required=True, validate=validate.Length(1, 200))
     input = fields.Dict(required=True, metadata={"description": "kind-specific input (API.md)"})
     priority = fields.String(validate=PRIORITY)
-    webhook = fields.Url(schemes={"http", "https"}, require_tld=False,
-                         validate=[validate.Length(max=2000), validate_webhook_url])
-    webhook_events = fields.List(fields.String(validate=WEBHOOK_EVENTS),
-                                 validate=validate.Length(1, 3))
+    webhook = fields.Url(
+        schemes={"http", "https"},
+        require_tld=False,
+        validate=[validate.Length(max=2000), validate_webhook_url],
+    )
+    webhook_events = fields.List(
+        fields.String(validate=WEBHOOK_EVENTS), validate=validate.Length(1, 3)
+    )
     ttl_s = fields.Integer(validate=validate.Range(1, 30 * 86400))
     timeout_s = fields.Integer(validate=validate.Range(1, 7 * 86400))
     metadata = fields.Dict()
@@ -201,7 +210,9 @@ class JobCreateSchema(Strict):
     def _model_input(self, data: dict, **_: Any) -> dict:
         spec = registry.get(data["model"])
         if spec is None:
-            raise ValidationError({"model": [f"unknown model {data['model']!r}; see GET /v1/models"]})
+            raise ValidationError(
+                {"model": [f"unknown model {data['model']!r}; see GET /v1/models"]}
+            )
         if spec.kind != data["kind"]:
             raise ValidationError({"kind": [f"model {spec.name!r} runs {spec.kind} jobs"]})
         data["input"] = load_input(spec, data["input"])

@@ -6,10 +6,12 @@ change is one conditional UPDATE, so concurrent actors never overwrite each othe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import redis
 from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.orm import Session
 
@@ -22,8 +24,17 @@ CANCEL_KEY = "spool:cancel:{}"
 CANCEL_TTL_S = 24 * 3600
 
 # The request fields a retry copies into the new job.
-REQUEST_FIELDS = ("kind", "model", "input", "priority", "webhook", "webhook_events",
-                  "ttl_s", "timeout_s", "metadata")
+REQUEST_FIELDS = (
+    "kind",
+    "model",
+    "input",
+    "priority",
+    "webhook",
+    "webhook_events",
+    "ttl_s",
+    "timeout_s",
+    "metadata",
+)
 
 
 class Conflict(Exception):
@@ -34,8 +45,14 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def new_row(user_id: str, req: dict[str, Any], *, batch_id: str | None = None,
-            default_priority: str = "normal", at: datetime | None = None) -> dict[str, Any]:
+def new_row(
+    user_id: str,
+    req: dict[str, Any],
+    *,
+    batch_id: str | None = None,
+    default_priority: str = "normal",
+    at: datetime | None = None,
+) -> dict[str, Any]:
     """The column values of a new queued job from a validated request."""
     s = settings.get()
     at = at or now()
@@ -53,7 +70,8 @@ def new_row(user_id: str, req: dict[str, Any], *, batch_id: str | None = None,
         "input": req["input"],
         "metadata": req.get("metadata"),
         "webhook": req.get("webhook"),
-        "webhook_events": req.get("webhook_events") or (["completed"] if req.get("webhook") else None),
+        "webhook_events": req.get("webhook_events")
+        or (["completed"] if req.get("webhook") else None),
         "max_attempts": s.max_attempts,
         "timeout_s": req.get("timeout_s") or s.default_timeout_s,
         "ttl_s": ttl_s,
@@ -84,9 +102,14 @@ def messages(rows: Sequence[dict[str, Any]]) -> list[dispatch.Message]:
 
 
 def queued_count(session: Session, user_id: str) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.status == "queued")
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.user_id == user_id, Job.status == "queued")
+        )
+        or 0
+    )
 
 
 def queue_position(session: Session, job: Job) -> int | None:
@@ -114,7 +137,8 @@ def cancel(session: Session, job: Job) -> Job:
     """Queued → canceled at once; running → canceling (the worker stops at its next step)."""
     row = session.execute(
         text(
-            "UPDATE jobs SET status = CASE WHEN status = 'queued' THEN 'canceled' ELSE 'canceling' END, "
+            "UPDATE jobs SET "
+            "status = CASE WHEN status = 'queued' THEN 'canceled' ELSE 'canceling' END, "
             "finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END, "
             "updated_at = now() "
             "WHERE id = :id AND status IN ('queued', 'running') "
@@ -135,16 +159,17 @@ def cancel(session: Session, job: Job) -> Job:
 def announce_cancel(job: Job) -> None:
     """After commit: tell the worker (flag checked every step) and the listeners."""
     if job.status == Status.CANCELING:
-        try:
+        # Redis down: the worker's heartbeat still sees `canceling` in PostgreSQL.
+        with contextlib.suppress(redis.RedisError):
             redisconn.client().set(CANCEL_KEY.format(job.id), "1", ex=CANCEL_TTL_S)
-        except Exception:
-            pass
     events.publish_status(job.id, job.status)
 
 
 def retry_request(job: Job) -> dict[str, Any]:
     if job.status not in RETRYABLE:
-        raise Conflict(f"only failed, canceled or expired jobs can be retried; this one is {job.status}")
+        raise Conflict(
+            f"only failed, canceled or expired jobs can be retried; this one is {job.status}"
+        )
     req = {f: getattr(job, "metadata_" if f == "metadata" else f) for f in REQUEST_FIELDS}
     req["retry_of"] = job.id
     return req

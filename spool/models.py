@@ -132,9 +132,7 @@ class IdempotencyKey(Base):
 Index(
     "ix_jobs_batch_unfinished",
     Job.batch_id,
-    postgresql_where=text(
-        "batch_id IS NOT NULL AND status IN ('queued', 'running', 'canceling')"
-    ),
+    postgresql_where=text("batch_id IS NOT NULL AND status IN ('queued', 'running', 'canceling')"),
 )
 
 

@@ -102,9 +102,7 @@ def run_up(port: int | None = None, build_tiny: bool = True) -> None:
         while not stopping:
             for child in children:
                 if child.poll() is not None:
-                    click.echo(
-                        f"spool {names[child.pid]} exited with {child.returncode}; stopping"
-                    )
+                    click.echo(f"spool {names[child.pid]} exited with {child.returncode}; stopping")
                     stopping = True
             time.sleep(0.3)
     finally:

@@ -63,7 +63,7 @@ def _warm_up() -> None:
             t0 = time.monotonic()
             batcher_for(spec).setup()
             log.info("model %s warm in %.2f s", name, time.monotonic() - t0)
-        except Exception as exc:  # noqa: BLE001 - its jobs will fail with the load error
+        except Exception as exc:
             log.error("model %s failed to load: %s", name, exc)
 
 

@@ -114,7 +114,9 @@ def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | No
                 f"{lifecycle.RETURNING}"
             ),
             {
-                "id": c.job_id, "tok": c.token, "status": status,
+                "id": c.job_id,
+                "tok": c.token,
+                "status": status,
                 "output": json.dumps(output) if output is not None else None,
                 "error": json.dumps(error) if error is not None else None,
             },

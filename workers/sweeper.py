@@ -43,38 +43,51 @@ def _publish_all(rows: list[Any], status: str) -> None:
 
 def _terminal_updates(s) -> dict[str, int]:
     counts: dict[str, int] = {}
-    expired = s.execute(text(
-        "UPDATE jobs SET status = 'expired', finished_at = now(), updated_at = now(), "
-        "error = '{\"code\": \"expired\", \"message\": \"ttl_s ran out before the job started\"}' "
-        "WHERE status = 'queued' AND expires_at < now() " + RETURNING
-    )).all()
+    expired = s.execute(
+        text(
+            "UPDATE jobs SET status = 'expired', finished_at = now(), updated_at = now(), "
+            'error = \'{"code": "expired", "message": "ttl_s ran out before the job started"}\' '
+            "WHERE status = 'queued' AND expires_at < now() " + RETURNING
+        )
+    ).all()
     _publish_all(expired, Status.EXPIRED)
-    timed_out = s.execute(text(
-        "UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(), "
-        "lease_expires_at = NULL, error = jsonb_build_object('code', 'timeout', 'message', "
-        "'job ran past its timeout of ' || timeout_s || ' s') "
-        "WHERE status IN ('running', 'canceling') "
-        "AND started_at + make_interval(secs => timeout_s + :grace) < now() " + RETURNING
-    ), {"grace": TIMEOUT_GRACE_S}).all()
+    timed_out = s.execute(
+        text(
+            "UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(), "
+            "lease_expires_at = NULL, error = jsonb_build_object('code', 'timeout', 'message', "
+            "'job ran past its timeout of ' || timeout_s || ' s') "
+            "WHERE status IN ('running', 'canceling') "
+            "AND started_at + make_interval(secs => timeout_s + :grace) < now() " + RETURNING
+        ),
+        {"grace": TIMEOUT_GRACE_S},
+    ).all()
     _publish_all(timed_out, Status.FAILED)
-    canceled = s.execute(text(
-        "UPDATE jobs SET status = 'canceled', finished_at = now(), updated_at = now(), "
-        "lease_expires_at = NULL, error = '{\"code\": \"canceled\", \"message\": \"canceled\"}' "
-        "WHERE status = 'canceling' AND lease_expires_at < now() " + RETURNING
-    )).all()
+    canceled = s.execute(
+        text(
+            "UPDATE jobs SET status = 'canceled', finished_at = now(), updated_at = now(), "
+            'lease_expires_at = NULL, error = \'{"code": "canceled", "message": "canceled"}\' '
+            "WHERE status = 'canceling' AND lease_expires_at < now() " + RETURNING
+        )
+    ).all()
     _publish_all(canceled, Status.CANCELED)
-    lost = s.execute(text(
-        "UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(), "
-        "lease_expires_at = NULL, error = jsonb_build_object('code', 'worker_lost', 'message', "
-        "'the worker died ' || attempts || ' times while running this job') "
-        "WHERE status = 'running' AND lease_expires_at < now() AND attempts >= max_attempts "
-        + RETURNING
-    )).all()
+    lost = s.execute(
+        text(
+            "UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(), "
+            "lease_expires_at = NULL, error = jsonb_build_object('code', 'worker_lost', 'message', "
+            "'the worker died ' || attempts || ' times while running this job') "
+            "WHERE status = 'running' AND lease_expires_at < now() AND attempts >= max_attempts "
+            + RETURNING
+        )
+    ).all()
     _publish_all(lost, Status.FAILED)
     # Webhooks and batch ends of these terminal changes, in their transaction.
     lifecycle.jobs_finished(s, expired + timed_out + canceled + lost)
-    counts.update(expired=len(expired), timed_out=len(timed_out), canceled=len(canceled),
-                  worker_lost=len(lost))
+    counts.update(
+        expired=len(expired),
+        timed_out=len(timed_out),
+        canceled=len(canceled),
+        worker_lost=len(lost),
+    )
     return counts
 
 

@@ -95,7 +95,9 @@ def upgrade() -> None:
     op.create_table(
         "idempotency_keys",
         sa.Column(
-            "user_id", sa.String(40), sa.ForeignKey("users.id", ondelete="CASCADE"),
+            "user_id",
+            sa.String(40),
+            sa.ForeignKey("users.id", ondelete="CASCADE"),
             primary_key=True,
         ),
         sa.Column("key", sa.String(255), primary_key=True),
