@@ -9,9 +9,9 @@ from typing import Any
 from flask import Response
 from flask.views import MethodView
 from flask_jwt_extended import jwt_required
-from sqlalchemy import select, text
+from sqlalchemy import text
 
-from api import batch_intake, errors
+from api import batch_intake, errors, pagination
 from api.auth import principal
 from api.batch_schemas import (
     BatchCreateSchema,
@@ -69,21 +69,9 @@ class Batches(MethodView):
     @blp.response(200, BatchPageSchema)
     def get(self, q: dict[str, Any]):
         """List your batches, newest first."""
-        p = principal()
-        stmt = select(Batch).order_by(Batch.seq.desc()).limit(q["limit"] + 1)
-        if not (q["all"] and p.is_admin):
-            stmt = stmt.where(Batch.user_id == p.user_id)
-        if q.get("cursor"):
-            try:
-                stmt = stmt.where(Batch.seq < int(q["cursor"]))
-            except ValueError as exc:
-                raise errors.ApiError(
-                    422, "invalid cursor", details={"cursor": ["invalid"]}
-                ) from exc
+        stmt = pagination.newest_first(Batch, q, principal())
         with db.session() as s:
-            rows = list(s.scalars(stmt))
-            more = len(rows) > q["limit"]
-            rows = rows[: q["limit"]]
+            rows, cursor = pagination.split(list(s.scalars(stmt)), q["limit"])
             counts: dict[str, dict[str, int]] = {b.id: {} for b in rows}
             if rows:
                 for r in s.execute(
@@ -96,7 +84,7 @@ class Batches(MethodView):
                     counts[r.batch_id][r.status] = r.n
         base = base_url()
         data = [serialize.batch(b, counts[b.id], base) for b in rows]
-        return {"data": data, "next_cursor": str(rows[-1].seq) if more else None}
+        return {"data": data, "next_cursor": cursor}
 
 
 @blp.route("/<batch_id>")

@@ -9,10 +9,9 @@ import redis
 from flask import current_app, request
 from flask.views import MethodView
 from flask_jwt_extended import jwt_required
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import errors, idempotency, serialize, waiting
+from api import errors, idempotency, pagination, serialize, waiting
 from api.auth import principal
 from api.extensions import limiter
 from api.parsing import Blueprint
@@ -130,26 +129,14 @@ class Jobs(MethodView):
     @blp.response(200, JobPageSchema)
     def get(self, q: dict[str, Any]):
         """List your jobs, newest first."""
-        p = principal()
-        stmt = select(Job).order_by(Job.seq.desc()).limit(q["limit"] + 1)
-        if not (q["all"] and p.is_admin):
-            stmt = stmt.where(Job.user_id == p.user_id)
+        stmt = pagination.newest_first(Job, q, principal())
         for f in ("status", "kind", "model", "batch_id"):
             if q.get(f):
                 stmt = stmt.where(getattr(Job, f) == q[f])
-        if q.get("cursor"):
-            try:
-                stmt = stmt.where(Job.seq < int(q["cursor"]))
-            except ValueError as exc:
-                raise errors.ApiError(
-                    422, "invalid cursor", details={"cursor": ["invalid"]}
-                ) from exc
         with db.session() as s:
-            rows = list(s.scalars(stmt))
-            more = len(rows) > q["limit"]
-            rows = rows[: q["limit"]]
+            rows, cursor = pagination.split(list(s.scalars(stmt)), q["limit"])
             data = [serialize.job(j, jobs.queue_position(s, j)) for j in rows]
-        return {"data": data, "next_cursor": str(rows[-1].seq) if more else None}
+        return {"data": data, "next_cursor": cursor}
 
 
 @blp.route("/<job_id>")
