@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import redis
 
-from spool import events, redisconn
+from spool import events, redisconn, settings
 from spool.jobs import CANCEL_KEY
 from workers import lease
 from workers.backends.base import JobCanceled, JobTimedOut
@@ -201,11 +201,19 @@ class Heartbeat(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        renewed = time.monotonic()
+        lease_s = settings.get().lease_s
         while not self._stop_event.wait(self.interval_s):
             try:
                 status = lease.renew(self.ctx.claim)
-            except Exception:
+            except Exception:  # database unreachable: retry next beat, until the lease is gone
+                if time.monotonic() - renewed >= lease_s:
+                    # The sweeper may hand the job to another worker now: stop, so that
+                    # it never runs twice at once.
+                    self.ctx.lost.set()
+                    return
                 continue
+            renewed = time.monotonic()
             if status is None:
                 self.ctx.lost.set()
                 return
