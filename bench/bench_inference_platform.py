@@ -44,6 +44,7 @@ from bench.common import (
     Http,
     HttpError,
     Latencies,
+    closed_loop,
     header,
     login,
     table,
@@ -127,7 +128,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-async def closed_loop(
+async def run_clients(
     url: str,
     token: str,
     model: str,
@@ -139,50 +140,20 @@ async def closed_loop(
 ) -> tuple[int, int, Latencies]:
     """Each client: POST /v1/jobs with `Prefer: wait`, check the output, repeat; the first
     `warm_s` (the clients falling into step) are not counted."""
-    start = time.monotonic()
-    t_a, t_b = start + warm_s, start + warm_s + seconds
-    lat = Latencies()
-    counts = {"done": 0, "errors": 0}
 
-    async def one(http: Http, i: int) -> None:
+    async def one(http: Http, c: int, n: int) -> None:
         r = await http.request(
-            "POST", "/v1/jobs", job_body(model, kind, i), headers={"Prefer": "wait=60"}
+            "POST",
+            "/v1/jobs",
+            job_body(model, kind, (c * 100 + n) % 1000),
+            headers={"Prefer": "wait=60"},
         )
         while r.status == 202:  # not done within the wait: long-poll the result
             r = await http.request("GET", f"/result/{r.json()['id']}?wait=30")
         if r.status != 200 or r.json()["status"] != "succeeded":
             raise HttpError(f"job answered {r.status}: {r.body[:300]!r}")
 
-    async def client(c: int) -> None:
-        http = Http.for_url(url, token)
-        n = 0
-        try:
-            while time.monotonic() < t_b:
-                m0 = time.monotonic()
-                try:
-                    await one(http, (c * 100 + n) % 1000)
-                except HttpError as exc:
-                    counts["errors"] += 1
-                    if counts["errors"] <= 3:
-                        console.print(f"[red]error[/red] {exc}")
-                    continue
-                finally:
-                    n += 1
-                m1 = time.monotonic()
-                if t_a <= m1 <= t_b:
-                    counts["done"] += 1
-                    lat.add(m1 - m0)
-        finally:
-            await http.close()
-
-    async def metering() -> None:
-        await asyncio.sleep(warm_s)
-        meter.start()
-        await asyncio.sleep(seconds)
-        meter.stop()
-
-    await asyncio.gather(metering(), *(client(c) for c in range(clients)))
-    return counts["done"], counts["errors"], lat
+    return await closed_loop(url, token, one, clients, seconds, meter, warm_s)
 
 
 def measure(
@@ -197,11 +168,11 @@ def measure(
 ) -> Run:
     """Jobs/s of `model` in one window; CPU per job by process."""
     if first:  # load the model (a `-b1` twin loads on its first job), warm its kernels
-        asyncio.run(closed_loop(plat.url, token, model, kind, 2, 0.5, CpuMeter({}), warm_s=0.5))
+        asyncio.run(run_clients(plat.url, token, model, kind, 2, 0.5, CpuMeter({}), warm_s=0.5))
     before = microbatches(metrics_url, model)
     meter = CpuMeter(plat.pids())
     done, errors, lat = asyncio.run(
-        closed_loop(plat.url, token, model, kind, clients, seconds, meter)
+        run_clients(plat.url, token, model, kind, clients, seconds, meter)
     )
     after = microbatches(metrics_url, model)
     batches = after[1] - before[1]

@@ -40,6 +40,7 @@ from bench.common import (
     Http,
     HttpError,
     Latencies,
+    closed_loop,
     commit_latency,
     console,
     family,
@@ -103,41 +104,12 @@ async def spool_throughput(
 ) -> Throughput:
     """Closed loop: each client submits, waits for the result, repeats. The first
     second warms up; the window after it is measured."""
-    warm = 1.0
-    start = time.monotonic()
-    t_a, t_b = start + warm, start + warm + seconds
-    lat = Latencies()
-    counts = {"done": 0, "errors": 0}
 
-    async def client(i: int) -> None:
-        http = Http.for_url(url, token)
-        n = 0
-        try:
-            while time.monotonic() < t_b:
-                m0 = time.monotonic()
-                try:
-                    await spool_job(http, i * 1_000_000 + n)
-                except HttpError:
-                    counts["errors"] += 1
-                    await asyncio.sleep(0.1)  # do not spin on a failing platform
-                    continue
-                finally:
-                    n += 1
-                m1 = time.monotonic()
-                if t_a <= m1 <= t_b:
-                    counts["done"] += 1
-                    lat.add(m1 - m0)
-        finally:
-            await http.close()
+    async def job(http: Http, c: int, n: int) -> None:
+        await spool_job(http, c * 1_000_000 + n)
 
-    async def metering() -> None:
-        await asyncio.sleep(warm)
-        meter.start()
-        await asyncio.sleep(seconds)
-        meter.stop()
-
-    await asyncio.gather(metering(), *(client(i) for i in range(clients)))
-    return Throughput(counts["done"] / seconds, counts["done"], counts["errors"], lat, meter.used)
+    done, errors, lat = await closed_loop(url, token, job, clients, seconds, meter, warm_s=1.0)
+    return Throughput(done / seconds, done, errors, lat, meter.used)
 
 
 def phases(plat: BenchPlatform, done: list[Done]) -> list[tuple[str, float, float]]:

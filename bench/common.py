@@ -19,7 +19,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -409,6 +409,56 @@ class Latencies:
         if not self.values:
             return "-"
         return f"p50 {self.ms(50):.1f} / p95 {self.ms(95):.1f} / p99 {self.ms(99):.1f} ms"
+
+
+async def closed_loop(
+    url: str,
+    token: str,
+    job: Callable[[Http, int, int], Awaitable[None]],
+    clients: int,
+    seconds: float,
+    meter: CpuMeter,
+    warm_s: float = 1.0,
+) -> tuple[int, int, Latencies]:
+    """`clients` clients each run `job(http, client, n)` back to back. The first `warm_s`
+    (the clients falling into step) are not counted; `meter` measures the window after.
+    Returns (jobs done in the window, errors, their latencies)."""
+    start = time.monotonic()
+    t_a, t_b = start + warm_s, start + warm_s + seconds
+    lat = Latencies()
+    counts = {"done": 0, "errors": 0}
+
+    async def client(c: int) -> None:
+        http = Http.for_url(url, token)
+        n = 0
+        try:
+            while time.monotonic() < t_b:
+                m0 = time.monotonic()
+                try:
+                    await job(http, c, n)
+                except HttpError as exc:
+                    counts["errors"] += 1
+                    if counts["errors"] <= 3:
+                        console.print(f"[red]error[/red] {exc}")
+                    await asyncio.sleep(0.1)  # do not spin on a failing platform
+                    continue
+                finally:
+                    n += 1
+                m1 = time.monotonic()
+                if t_a <= m1 <= t_b:
+                    counts["done"] += 1
+                    lat.add(m1 - m0)
+        finally:
+            await http.close()
+
+    async def metering() -> None:
+        await asyncio.sleep(warm_s)
+        meter.start()
+        await asyncio.sleep(seconds)
+        meter.stop()
+
+    await asyncio.gather(metering(), *(client(c) for c in range(clients)))
+    return counts["done"], counts["errors"], lat
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
