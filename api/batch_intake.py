@@ -242,19 +242,22 @@ def create() -> tuple[dict[str, Any], int, dict[str, str]]:
             writer = _Writer(s, p.user_id, batch_id)
             _validate_into(parsed, writer)
             _check_cap(s, p.user_id, writer.total)
-            s.add(
-                Batch(
-                    id=batch_id,
-                    user_id=p.user_id,
-                    status="queued",
-                    webhook=parsed.webhook,
-                    metadata_=parsed.metadata,
-                    total=writer.total,
-                    created_at=writer.at,
-                )
+            batch = Batch(
+                id=batch_id,
+                user_id=p.user_id,
+                status="queued",
+                webhook=parsed.webhook,
+                metadata_=parsed.metadata,
+                total=writer.total,
+                created_at=writer.at,
             )
+            s.add(batch)
             if key is not None:
                 idempotency.complete(s, p.user_id, key, batch_id)
+            # Built before the commit, as for single jobs: once committed, no later
+            # failure may answer 503 "nothing accepted" (a retry would duplicate it).
+            s.flush()
+            obj = batches.to_object(s, batch, base_url())
     except Exception:
         if key is not None:
             idempotency.release(p.user_id, key)
@@ -262,7 +265,7 @@ def create() -> tuple[dict[str, Any], int, dict[str, str]]:
     dispatch.send(writer.messages)
     for (kind, model), n in writer.per_model.items():
         metrics.JOBS_SUBMITTED.labels(kind, model).inc(n)
-    return response(batch_id), 202, {"Location": f"/v1/batches/{batch_id}"}
+    return obj, 202, {"Location": f"/v1/batches/{batch_id}"}
 
 
 def response(batch_id: str) -> dict[str, Any]:
