@@ -17,7 +17,7 @@ NDJSON_PATHS = ("/v1/batches",)
 
 
 def create_app(settings: Settings | None = None, check_schema: bool = True) -> Flask:
-    from api import errors
+    from api import dbsession, errors
     from api.extensions import api, jwt, limiter
 
     s = settings or settings_mod.get()
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     limiter.init_app(app)
     api.init_app(app)
     errors.install(app)
+    dbsession.install(app)
 
     from api import auth, jobs, ops, results
 

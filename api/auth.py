@@ -9,11 +9,11 @@ from flask import current_app, g
 from flask.views import MethodView
 from flask_jwt_extended import create_access_token, current_user, jwt_required
 
-from api import errors
+from api import dbsession, errors
 from api.extensions import jwt
 from api.parsing import Blueprint
 from api.schemas import TokenRequestSchema, TokenSchema, WebhookSecretSchema
-from spool import db, users
+from spool import users
 from spool.models import User
 
 blp = Blueprint("auth", __name__, url_prefix="/v1", description="Authentication")
@@ -21,9 +21,9 @@ blp = Blueprint("auth", __name__, url_prefix="/v1", description="Authentication"
 
 @jwt.user_lookup_loader
 def _load_principal(_header: dict, claims: dict[str, Any]) -> users.Principal | None:
-    # One indexed lookup per request: a revoked key or deleted user fails at once.
-    with db.session() as s:
-        return users.principal_for_key(s, claims.get("kid", ""))
+    # One indexed lookup per request, on the request's session (its view's queries
+    # follow in the same transaction): a revoked key or deleted user fails at once.
+    return users.principal_for_key(dbsession.get(), claims.get("kid", ""))
 
 
 @jwt.user_lookup_error_loader
@@ -62,7 +62,7 @@ class Token(MethodView):
     @blp.response(200, TokenSchema)
     def post(self, body: dict) -> dict:
         """Exchange an API key for a bearer token."""
-        with db.session() as s:
+        with dbsession.transaction() as s:
             p = users.authenticate(s, body["api_key"])
         if p is None:
             raise errors.ApiError(401, "invalid or revoked API key", "invalid_api_key")
@@ -83,6 +83,6 @@ class WebhookSecret(MethodView):
     def get(self) -> dict:
         """The signing secret of your webhooks (Standard Webhooks)."""
         p = principal()
-        with db.session() as s:
+        with dbsession.transaction() as s:
             user = s.get(User, p.user_id)
             return {"secret": user.webhook_secret if user else ""}

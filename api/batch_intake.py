@@ -24,11 +24,11 @@ from flask import current_app, request
 from marshmallow import ValidationError
 from sqlalchemy.orm import Session
 
-from api import errors, idempotency
+from api import dbsession, errors, idempotency
 from api.auth import principal
 from api.batch_schemas import MAX_JOBS, BatchJobSchema, BatchOptionsSchema
 from api.serialize import base_url
-from spool import batches, db, dispatch, jobs, metrics
+from spool import batches, dispatch, jobs, metrics
 from spool.ids import new_id
 from spool.models import Batch
 
@@ -237,7 +237,7 @@ def create() -> tuple[dict[str, Any], int, dict[str, str]]:
         parsed = parse(body, request.mimetype)
         del body  # the parsed form is what is needed from here on
         batch_id = new_id("bat")
-        with db.transaction() as s:
+        with dbsession.transaction() as s:
             _check_cap(s, p.user_id, 0)
             writer = _Writer(s, p.user_id, batch_id)
             _validate_into(parsed, writer)
@@ -270,7 +270,7 @@ def create() -> tuple[dict[str, Any], int, dict[str, str]]:
 
 def response(batch_id: str) -> dict[str, Any]:
     p = principal()
-    with db.session() as s:
+    with dbsession.transaction() as s:
         b = batches.visible(s, batch_id, p.user_id, p.is_admin)
         if b is None:
             raise errors.not_found("batch")

@@ -9,9 +9,9 @@ from typing import Any
 from flask import Response
 from flask.views import MethodView
 from flask_jwt_extended import jwt_required
-from sqlalchemy import text
+from sqlalchemy import select, text
 
-from api import batch_intake, errors, pagination
+from api import batch_intake, dbsession, errors, pagination
 from api.auth import principal
 from api.batch_schemas import (
     BatchCreateSchema,
@@ -69,8 +69,8 @@ class Batches(MethodView):
     @blp.response(200, BatchPageSchema)
     def get(self, q: dict[str, Any]):
         """List your batches, newest first."""
-        stmt = pagination.newest_first(Batch, q, principal())
-        with db.session() as s:
+        stmt = pagination.newest_first(select(Batch), Batch, q, principal())
+        with dbsession.transaction() as s:
             rows, cursor = pagination.split(list(s.scalars(stmt)), q["limit"])
             counts: dict[str, dict[str, int]] = {b.id: {} for b in rows}
             if rows:
@@ -93,7 +93,7 @@ class Batches(MethodView):
 @blp.response(200, BatchSchema)
 def get(batch_id: str):
     """Get a batch with live counts of its jobs."""
-    with db.session() as s:
+    with dbsession.transaction() as s:
         return batches.to_object(s, load_visible(s, batch_id), base_url())
 
 
@@ -138,8 +138,9 @@ def _result_lines(batch_id: str) -> Iterator[bytes]:
 )
 def results(batch_id: str):
     """Stream the batch's results as NDJSON: custom_id, job_id, status, output, error."""
-    with db.session() as s:
+    with dbsession.transaction() as s:
         load_visible(s, batch_id)
+    dbsession.release()  # the stream reads a page at a time, each on a short session
     return Response(_result_lines(batch_id), mimetype="application/x-ndjson")
 
 
@@ -149,7 +150,7 @@ def results(batch_id: str):
 @blp.response(202, BatchSchema)
 def cancel(batch_id: str):
     """Cancel every job of the batch that has not finished."""
-    with db.transaction() as s:
+    with dbsession.transaction() as s:
         b = load_visible(s, batch_id)
         if b.status == "completed":
             raise errors.ApiError(409, f"batch {b.id} already completed", "batch_finished")
@@ -160,5 +161,5 @@ def cancel(batch_id: str):
         metrics.JOBS_CANCELED.labels(c.model, stage).inc()
         if c.status == "canceled":
             metrics.observe_job_finished(c.kind, c.model, "canceled", None)
-    with db.session() as s:
+    with dbsession.transaction() as s:
         return batches.to_object(s, load_visible(s, batch_id), base_url())

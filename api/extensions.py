@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from threading import Lock
+from typing import Any
+
 from flask import request
 from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
 from flask_limiter import Limiter
@@ -38,7 +43,40 @@ def rate_limit_key() -> str:
     return f"user:{sub}" if sub else f"ip:{request.remote_addr}"
 
 
-jwt = JWTManager()
+class CachingJWTManager(JWTManager):
+    """Remembers verified tokens until they expire.
+
+    A client sends the same token with every request, and flask-jwt-extended parses it
+    three times per verification (claims, header, then verified claims). A token seen
+    and verified before is the same bytes, so its claims are the same: only its expiry
+    must be checked again, here. A revoked key or deleted user is still caught on every
+    request by the user look-up, which runs after this.
+    """
+
+    MAX_TOKENS = 10_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = Lock()
+
+    def _decode_jwt_from_config(
+        self, encoded_token: str, csrf_value: Any = None, allow_expired: bool = False
+    ) -> dict:
+        with self._lock:
+            claims = self._verified.get(encoded_token)
+        if claims is not None and csrf_value is None and time.time() < claims["exp"]:
+            return dict(claims)
+        claims = super()._decode_jwt_from_config(encoded_token, csrf_value, allow_expired)
+        if not allow_expired and csrf_value is None and "exp" in claims:
+            with self._lock:
+                self._verified[encoded_token] = claims
+                while len(self._verified) > self.MAX_TOKENS:
+                    self._verified.popitem(last=False)
+        return dict(claims)
+
+
+jwt = CachingJWTManager()
 api = SpoolApi()
 limiter = Limiter(
     rate_limit_key,

@@ -14,8 +14,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from api import dbsession
 from api.errors import ApiError
-from spool import db
 from spool.models import IdempotencyKey
 
 WINDOW = timedelta(hours=24)
@@ -38,7 +38,7 @@ def claim(user_id: str, key: str, req_hash: str, rtype: str) -> str | None:
             details={"Idempotency-Key": ["must be 1-255 characters"]},
         )
     now = datetime.now(UTC)
-    with db.transaction() as s:
+    with dbsession.transaction() as s:
         inserted = s.execute(
             insert(IdempotencyKey)
             .values(user_id=user_id, key=key, request_hash=req_hash, resource_type=rtype)
@@ -87,7 +87,7 @@ def complete(s: Session, user_id: str, key: str, resource_id: str) -> None:
 
 def release(user_id: str, key: str) -> None:
     """The request failed before creating anything: free the key for a retry."""
-    with db.transaction() as s:
+    with dbsession.transaction() as s:
         s.execute(
             delete(IdempotencyKey).where(
                 IdempotencyKey.user_id == user_id,

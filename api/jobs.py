@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
 from flask import current_app, request
 from flask.views import MethodView
 from flask_jwt_extended import jwt_required
+from sqlalchemy import Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import errors, idempotency, pagination, serialize, waiting
+from api import dbsession, errors, idempotency, pagination, serialize, waiting
 from api.auth import principal
 from api.extensions import limiter
 from api.parsing import Blueprint
 from api.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema
-from spool import db, dispatch, jobs, metrics
-from spool.models import Job
+from spool import dispatch, jobs, metrics
+from spool.states import is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +50,37 @@ def prefer_wait() -> float:
     return 0.0
 
 
-def load_visible(job_id: str) -> Job:
+def load_visible(job_id: str) -> Row:
+    """The job as its owner (or an admin) sees it, on the request's session; else 404."""
     p = principal()
-    with db.session() as s:
-        job = jobs.visible(s, job_id, p.user_id, p.is_admin)
-    if job is None:
+    row = jobs.visible_row(dbsession.get(), job_id, p.user_id, p.is_admin)
+    if row is None:
         raise errors.not_found("job")
-    return job
+    return row
 
 
 def job_response(job_id: str) -> dict[str, Any]:
-    p = principal()
-    with db.session() as s:
-        job = jobs.visible(s, job_id, p.user_id, p.is_admin)
-        if job is None:
-            raise errors.not_found("job")
-        return serialize.job(job, jobs.queue_position(s, job))
+    row = load_visible(job_id)
+    return serialize.job(row, row.queue_position)
+
+
+def wait_for_end(row: Row, wait_s: float) -> Row:
+    """Long-poll: the job once it has ended, or as it is after wait_s.
+
+    The request's connection goes back to the pool while it waits (a parked greenlet
+    holds nothing), and the row is read again only when the job's end is announced or
+    at the periodic re-check.
+    """
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while not is_terminal(row.status):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        dbsession.release()
+        announced = waiting.wait_end(row.id, left, announced)
+        row = load_visible(row.id)
+    return row
 
 
 def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
@@ -78,7 +95,7 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
             return job_response(existing), 202, {"Location": f"/v1/jobs/{existing}"}
     try:
         cap = current_app.config["SPOOL"].max_queued_per_user
-        with db.transaction() as s:
+        with dbsession.transaction() as s:
             if jobs.queued_count(s, p.user_id) >= cap:
                 raise errors.ApiError(
                     429,
@@ -87,14 +104,12 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
                     headers={"Retry-After": "10"},
                 )
             row = jobs.new_row(p.user_id, req)
-            jobs.insert_rows(s, [row])
+            job = jobs.insert_one(s, row)
             if key is not None:
                 idempotency.complete(s, p.user_id, key, row["id"])
             # Built before the commit: once committed, nothing may turn this into an error
             # (a client told 503 "nothing accepted" would retry and run the job twice).
-            job = s.get(Job, row["id"])
-            assert job is not None
-            body = serialize.job(job, jobs.queue_position(s, job))
+            body = serialize.job(job, job.queue_position)
     except Exception:
         if key is not None:
             idempotency.release(p.user_id, key)
@@ -105,8 +120,9 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
     wait_s = prefer_wait()
     if wait_s:
         try:
-            if waiting.wait_terminal(row["id"], wait_s):
-                return job_response(row["id"]), 200, headers
+            job = wait_for_end(job, wait_s)
+            if is_terminal(job.status):
+                return serialize.job(job, job.queue_position), 200, headers
         except (SQLAlchemyError, redis.RedisError) as exc:  # accepted all the same: say so
             log.warning("Prefer: wait cut short for %s: %s", row["id"], exc)
     return body, 202, headers
@@ -122,21 +138,19 @@ class Jobs(MethodView):
     @blp.alt_response(200, schema=JobSchema, description="finished within `Prefer: wait=N`")
     def post(self, req: dict[str, Any]):
         """Submit a job."""
-        return create(req)
+        return serialize.json_response(*create(req))
 
     @read_limited
     @blp.arguments(JobListQuerySchema, location="query")
     @blp.response(200, JobPageSchema)
     def get(self, q: dict[str, Any]):
         """List your jobs, newest first."""
-        stmt = pagination.newest_first(Job, q, principal())
+        stmt = pagination.newest_first(jobs.view_select(), jobs.JOBS.c, q, principal())
         for f in ("status", "kind", "model", "batch_id"):
             if q.get(f):
-                stmt = stmt.where(getattr(Job, f) == q[f])
-        with db.session() as s:
-            rows, cursor = pagination.split(list(s.scalars(stmt)), q["limit"])
-            data = [serialize.job(j, jobs.queue_position(s, j)) for j in rows]
-        return {"data": data, "next_cursor": cursor}
+                stmt = stmt.where(jobs.JOBS.c[f] == q[f])
+        rows, cursor = pagination.split(list(dbsession.get().execute(stmt)), q["limit"])
+        return {"data": [serialize.job(j, j.queue_position) for j in rows], "next_cursor": cursor}
 
 
 @blp.route("/<job_id>")
@@ -147,7 +161,7 @@ class JobById(MethodView):
     @blp.response(200, JobSchema)
     def get(self, job_id: str):
         """Get a job."""
-        return job_response(job_id)
+        return serialize.json_response(job_response(job_id))
 
 
 @blp.route("/<job_id>/cancel", methods=["POST"])
@@ -157,7 +171,7 @@ class JobById(MethodView):
 def cancel(job_id: str):
     """Cancel a job: queued → canceled at once, running → canceling → canceled."""
     p = principal()
-    with db.transaction() as s:
+    with dbsession.transaction() as s:
         job = jobs.visible(s, job_id, p.user_id, p.is_admin)
         if job is None:
             raise errors.not_found("job")

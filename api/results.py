@@ -11,13 +11,12 @@ import redis
 from flask import Response, stream_with_context
 from flask_jwt_extended import jwt_required
 
-from api import errors, serialize, waiting
+from api import dbsession, errors, serialize
 from api.jobs import blp as jobs_blp
-from api.jobs import load_visible, read_limited
+from api.jobs import load_visible, read_limited, wait_for_end
 from api.parsing import Blueprint
 from api.schemas import ResultSchema, WaitQuerySchema
 from spool import db, events, jobs
-from spool.models import Job
 from spool.states import Status, is_terminal
 
 blp = Blueprint("results", __name__, description="Results")
@@ -25,17 +24,18 @@ blp = Blueprint("results", __name__, description="Results")
 KEEPALIVE_S = 15.0
 
 
-def result_response(job_id: str, wait_s: float):
+def result_response(job_id: str, wait_s: float) -> Response:
     job = load_visible(job_id)
-    if wait_s and not is_terminal(job.status):
-        waiting.wait_terminal(job_id, wait_s)
-        job = load_visible(job_id)
+    if wait_s:
+        job = wait_for_end(job, wait_s)
     if job.status == Status.SUCCEEDED:
-        return {"id": job.id, "status": job.status, "output": job.output}, 200
+        return serialize.json_response({"id": job.id, "status": job.status, "output": job.output})
     if is_terminal(job.status):
-        return {"id": job.id, "status": job.status, "error": job.error}, 409
+        return serialize.json_response(
+            {"id": job.id, "status": job.status, "error": job.error}, 409
+        )
     retry_after = "1" if job.status != Status.QUEUED else "2"
-    return (
+    return serialize.json_response(
         {"id": job.id, "status": job.status, "progress": serialize.progress(job.progress)},
         202,
         {"Retry-After": retry_after},
@@ -71,10 +71,11 @@ def _sse(event_id: str, type_: str, data: Any) -> str:
 
 
 def _current(job_id: str) -> dict[str, Any]:
+    # A short session of its own: a stream must not hold a connection while it waits.
     with db.session() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        return serialize.job(job, jobs.queue_position(s, job))
+        row = s.execute(jobs.view_select(jobs.JOBS.c.id == job_id)).first()
+        assert row is not None
+        return serialize.job(row, row.queue_position)
 
 
 def _stream(job_id: str, last_event_id: str | None) -> Iterator[str]:
@@ -125,6 +126,7 @@ def job_events(job_id: str):
     from flask import request
 
     load_visible(job_id)
+    dbsession.release()
     last = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
     resp = Response(stream_with_context(_stream(job_id, last)), mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache"

@@ -9,11 +9,11 @@ from flask_jwt_extended import jwt_required
 from marshmallow import fields, validate
 from sqlalchemy import select, text
 
-from api import errors
+from api import dbsession, errors
 from api.jobs import load_visible, read_limited, submit_limited
 from api.parsing import Blueprint
 from api.schemas import Strict
-from spool import db, webhooks
+from spool import webhooks
 from spool.models import WebhookAttempt, WebhookDelivery
 from spool.serialize import iso
 
@@ -88,7 +88,7 @@ def _with_attempts(s: Any, deliveries: list[WebhookDelivery]) -> list[dict[str, 
 def list_deliveries(q: dict[str, Any], job_id: str):
     """The job's webhook deliveries (oldest first) with every attempt."""
     load_visible(job_id)
-    with db.session() as s:
+    with dbsession.transaction() as s:
         newest = list(
             s.scalars(
                 select(WebhookDelivery)
@@ -118,12 +118,12 @@ REDELIVER_SQL = text(
 def redeliver(job_id: str):
     """Send the job's latest webhook event again (same webhook-id, a new timestamp)."""
     load_visible(job_id)
-    with db.transaction() as s:
+    with dbsession.transaction() as s:
         delivery_id = s.scalar(REDELIVER_SQL, {"job": job_id})
         if delivery_id is None:
             raise errors.ApiError(409, "this job has no webhook event to redeliver", "no_webhook")
         webhooks.wake_after_commit(s, [delivery_id])
-    with db.session() as s:
+    with dbsession.transaction() as s:
         d = s.get(WebhookDelivery, delivery_id)
         assert d is not None
         return _with_attempts(s, [d])[0]

@@ -6,12 +6,14 @@ own engine (workers dispose the one inherited across fork).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from spool import settings
@@ -33,19 +35,45 @@ def normalize_url(url: str) -> str:
 
 def make_engine(url: str, pool_size: int | None = None, max_overflow: int | None = None) -> Engine:
     s = settings.get()
-    return create_engine(
+    eng = create_engine(
         normalize_url(url),
         # Per process: every API process and worker holds up to pool + overflow
         # connections, and together they must fit under PostgreSQL's max_connections.
         pool_size=s.db_pool_size if pool_size is None else pool_size,
         max_overflow=s.db_max_overflow if max_overflow is None else max_overflow,
         pool_timeout=10,
-        pool_pre_ping=True,
         pool_recycle=1800,
         # A dead database must fail a request in seconds, not hang it.
         connect_args={"connect_timeout": 3, "options": "-c statement_timeout=30000"},
         future=True,
     )
+    event.listen(eng, "checkout", _ping_if_idle)
+    event.listen(eng, "checkin", _mark_used)
+    event.listen(eng, "connect", _mark_used)  # a new connection needs no test
+    return eng
+
+
+# A connection idle for longer than this is tested (SELECT 1) before use: a restarted
+# database must not fail the next request. One in steady use is not: `pool_pre_ping`
+# would add a round trip to every checkout, and a connection that dies mid-use is
+# detected all the same (the error invalidates the pool; the request answers 503).
+PING_IDLE_S = 2.0
+
+
+def _mark_used(_dbapi_conn: Any, record: Any) -> None:
+    record.info["used_at"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    if time.monotonic() - record.info.get("used_at", 0.0) < PING_IDLE_S:
+        return
+    try:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    except Exception as err:
+        # The pool replaces the connection and tries again (SQLAlchemy's documented
+        # pessimistic-disconnect recipe).
+        raise exc.DisconnectionError(str(err)) from err
 
 
 @lru_cache(maxsize=1)

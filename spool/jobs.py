@@ -12,16 +12,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import redis
-from sqlalchemy import Table, func, insert, select, text
+from sqlalchemy import Row, Table, bindparam, func, insert, literal_column, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import Label
 
-from spool import bulk, dispatch, events, redisconn, registry, settings
+from spool import bulk, dispatch, events, redisconn, registry, serialize, settings
 from spool.ids import new_id
 from spool.models import Job
 from spool.states import PRIORITIES, RETRYABLE, Status
 
 CANCEL_KEY = "spool:cancel:{}"
 CANCEL_TTL_S = 24 * 3600
+JOBS = cast(Table, Job.__table__)
 
 # The request fields a retry copies into the new job.
 REQUEST_FIELDS = (
@@ -91,25 +93,27 @@ BULK_MIN_ROWS = 64
 
 def insert_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     if len(rows) >= BULK_MIN_ROWS:
-        bulk.insert(session, cast(Table, Job.__table__), rows)  # a batch: no per-row params
+        bulk.insert(session, JOBS, rows)  # a batch: no per-row params
     elif rows:
         # Core insert: one executemany, no ORM object per row.
-        session.execute(insert(cast(Table, Job.__table__)), list(rows))
+        session.execute(insert(JOBS), list(rows))
 
 
 def messages(rows: Sequence[dict[str, Any]]) -> list[dispatch.Message]:
     return [dispatch.Message(r["id"], r["queue"], r["priority_rank"]) for r in rows]
 
 
+# On the partial index ix_jobs_user_queued: the cost does not grow with the user's
+# finished jobs.
+_QUEUED_OF_USER = (
+    select(func.count())
+    .select_from(JOBS)
+    .where(JOBS.c.user_id == bindparam("user_id"), JOBS.c.status == Status.QUEUED.value)
+)
+
+
 def queued_count(session: Session, user_id: str) -> int:
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.user_id == user_id, Job.status == "queued")
-        )
-        or 0
-    )
+    return session.scalar(_QUEUED_OF_USER, {"user_id": user_id}) or 0
 
 
 def queue_position(session: Session, job: Job) -> int | None:
@@ -123,6 +127,41 @@ def queue_position(session: Session, job: Job) -> int | None:
         ),
         {"q": job.queue, "r": job.priority_rank, "seq": job.seq},
     )
+
+
+# Jobs that start before this `jobs` row on its queue, counted on the partial index
+# ix_jobs_queued_order; only for a queued row (CASE evaluates its branches lazily). It
+# names the outer row `jobs`, so it serves a SELECT from jobs and an INSERT's RETURNING.
+QUEUE_POSITION: Label[int] = literal_column(
+    "CASE WHEN jobs.status = 'queued' THEN ("
+    "SELECT count(*) FROM jobs AS ahead WHERE ahead.status = 'queued' "
+    "AND ahead.queue = jobs.queue "
+    "AND (ahead.priority_rank, ahead.seq) < (jobs.priority_rank, jobs.seq)) END"
+).label("queue_position")
+# The columns under the ORM attribute names, so a row reads like a Job (`metadata_`).
+VIEW_COLUMNS = [c.label("metadata_") if c.name == "metadata" else c for c in JOBS.c]
+
+
+def view_select(*where: Any) -> Any:
+    """The jobs as the API shows them, with their queue position: one round trip, no ORM."""
+    return select(*VIEW_COLUMNS, QUEUE_POSITION).where(*where)
+
+
+def insert_one(session: Session, row: dict[str, Any]) -> Row:
+    """Insert one job; returns it as `view_select` shows it, in the same round trip."""
+    return session.execute(insert(JOBS).returning(*VIEW_COLUMNS, QUEUE_POSITION), row).one()
+
+
+# Built once: SQLAlchemy then only looks the compiled form up in its cache.
+_BY_ID = view_select(JOBS.c.id == bindparam("job_id"))
+_BY_ID_OF_USER = _BY_ID.where(JOBS.c.user_id == bindparam("user_id"))
+
+
+def visible_row(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Row | None:
+    """`visible`, as a plain row that carries its `queue_position`."""
+    if is_admin:
+        return session.execute(_BY_ID, {"job_id": job_id}).first()
+    return session.execute(_BY_ID_OF_USER, {"job_id": job_id, "user_id": user_id}).first()
 
 
 def visible(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Job | None:
@@ -165,7 +204,7 @@ def announce_cancel(job: Job) -> None:
     events.publish_status(job.id, job.status)
 
 
-def retry_request(job: Job) -> dict[str, Any]:
+def retry_request(job: serialize.JobLike) -> dict[str, Any]:
     if job.status not in RETRYABLE:
         raise Conflict(
             f"only failed, canceled or expired jobs can be retried; this one is {job.status}"

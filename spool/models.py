@@ -102,6 +102,7 @@ class Job(Base):
             "seq",
             postgresql_where=text("status = 'queued'"),
         ),
+        Index("ix_jobs_user_queued", "user_id", postgresql_where=text("status = 'queued'")),
         Index(
             "ix_jobs_active_lease",
             "lease_expires_at",

@@ -10,7 +10,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Row
+
 from spool.models import Batch, Job
+
+# A Job, or a row of spool.jobs.view_select (the same names, no ORM object).
+JobLike = Job | Row[Any]
 
 # A batch's counts name these; `canceling` counts as running (it has not stopped yet).
 COUNT_KEYS = ("queued", "running", "succeeded", "failed", "canceled", "expired")
@@ -29,7 +34,7 @@ def progress(raw: Any) -> dict[str, Any] | None:
     return {"current": cur, "total": total, "fraction": round(cur / total, 4) if total else 0.0}
 
 
-def job(j: Job, position: int | None = None, base: str = "") -> dict[str, Any]:
+def job(j: JobLike, position: int | None = None, base: str = "") -> dict[str, Any]:
     """The job object; `base` prefixes its urls (empty: paths relative to the API)."""
     return {
         "id": j.id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from spool import security
@@ -103,11 +103,16 @@ def authenticate(session: Session, api_key: str) -> Principal | None:
     return Principal(user.id, user.name, user.is_admin, key.id)
 
 
+# Built once (it runs on every authenticated request): executing it only looks up
+# the compiled form in SQLAlchemy's cache.
+_PRINCIPAL = (
+    select(User.id, User.name, User.is_admin)
+    .join(ApiKey, ApiKey.user_id == User.id)
+    .where(ApiKey.id == bindparam("key_id"), ApiKey.revoked_at.is_(None), User.deleted_at.is_(None))
+)
+
+
 def principal_for_key(session: Session, key_id: str) -> Principal | None:
     """The token's principal, or None when its key was revoked or its user deleted."""
-    row = session.execute(
-        select(User.id, User.name, User.is_admin)
-        .join(ApiKey, ApiKey.user_id == User.id)
-        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None), User.deleted_at.is_(None))
-    ).first()
+    row = session.execute(_PRINCIPAL, {"key_id": key_id}).first()
     return Principal(row[0], row[1], row[2], key_id) if row else None

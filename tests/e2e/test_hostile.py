@@ -90,6 +90,22 @@ def test_expired_token_is_401(platform: support.Platform, real_token: str) -> No
     err(r, 401, "token_expired")
 
 
+def test_token_accepted_before_is_401_once_it_expires(
+    platform: support.Platform, real_token: str
+) -> None:
+    # The API remembers tokens it verified (api/extensions.py): a remembered token must
+    # still stop working at its `exp`. Ten requests over fresh connections reach every
+    # API process, so each has it remembered before it expires.
+    exp = int(time.time()) + 3
+    token = jwt.encode({**claims_of(real_token), "exp": exp}, platform_secret(platform))
+    for _ in range(10):
+        assert requests.get(platform.url + "/v1/jobs", headers=bearer(token), timeout=10).ok
+    time.sleep(max(0.0, exp - time.time()) + 0.2)
+    for _ in range(10):
+        r = requests.get(platform.url + "/v1/jobs", headers=bearer(token), timeout=10)
+        err(r, 401, "token_expired")
+
+
 def test_token_with_wrong_signature_is_401(platform: support.Platform, real_token: str) -> None:
     forged = jwt.encode(claims_of(real_token), "not-the-secret-" + "x" * 40, algorithm="HS256")
     err(requests.get(platform.url + "/v1/jobs", headers=bearer(forged), timeout=10), 401)
