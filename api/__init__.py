@@ -17,7 +17,7 @@ NDJSON_PATHS = ("/v1/batches",)
 
 
 def create_app(settings: Settings | None = None, check_schema: bool = True) -> Flask:
-    from api import dbsession, errors
+    from api import dbsession, errors, ratelimit_storage
     from api.extensions import api, jwt, limiter
 
     s = settings or settings_mod.get()
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
         JWT_DECODE_ALGORITHMS=["HS256"],  # never `none`, never a key confusion
         JWT_TOKEN_LOCATION=["headers"],
         MAX_CONTENT_LENGTH=s.max_body_bytes,
-        RATELIMIT_STORAGE_URI=s.redis_url or "memory://",
+        RATELIMIT_STORAGE_URI=ratelimit_storage.storage_uri(s.redis_url),
         RATELIMIT_STORAGE_OPTIONS={"socket_connect_timeout": 2, "socket_timeout": 2},
         RATELIMIT_HEADERS_ENABLED=True,
         RATELIMIT_SWALLOW_ERRORS=True,  # Redis down must not stop intake (PostgreSQL records it)

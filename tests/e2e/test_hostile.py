@@ -521,6 +521,18 @@ def test_submit_rate_limit_holds_across_processes_and_connections(
                     timeout=30,
                 )
 
+        # The headers count down exactly, whichever process answers (another user).
+        _, other_key = new_user()
+        other = bearer(token_for(limited[0], other_key))
+        for i in range(3):
+            r = requests.post(
+                limited[i % 2].url + "/v1/jobs", json={**ECHO, "input": {}}, headers=other
+            )
+            assert r.status_code == 202, r.text
+            assert r.headers["X-RateLimit-Limit"] == str(LIMIT)
+            assert r.headers["X-RateLimit-Remaining"] == str(LIMIT - 1 - i)
+            assert 0 <= int(r.headers["X-RateLimit-Reset"]) - time.time() <= 61
+
         with ThreadPoolExecutor(BURST) as pool:
             responses = list(pool.map(submit, range(BURST)))
     finally:
