@@ -526,7 +526,10 @@ def test_submit_rate_limit_holds_across_processes_and_connections(
         other = bearer(token_for(limited[0], other_key))
         for i in range(3):
             r = requests.post(
-                limited[i % 2].url + "/v1/jobs", json={**ECHO, "input": {}}, headers=other
+                limited[i % 2].url + "/v1/jobs",
+                json={**ECHO, "input": {}},
+                headers=other,
+                timeout=30,
             )
             assert r.status_code == 202, r.text
             assert r.headers["X-RateLimit-Limit"] == str(LIMIT)
