@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import redis
 from celery import Celery
@@ -49,14 +50,7 @@ def send(messages: Iterable[Message]) -> int:
     try:
         with app.producer_or_acquire() as producer:
             for m in messages:
-                app.send_task(
-                    RUN_JOB,
-                    args=[m.job_id, m.queue],
-                    queue=m.queue,
-                    priority=m.priority,  # a high job's token jumps ahead of a backlog
-                    producer=producer,
-                    retry=False,
-                )
+                _publish(app, producer, m)
                 sent += 1
     except (redis.RedisError, KombuError, OSError) as exc:
         log.warning(
@@ -68,6 +62,21 @@ def send(messages: Iterable[Message]) -> int:
     return sent
 
 
+def _publish(app: Celery, producer: Any, m: Message) -> None:
+    """Celery's task message, published as `send_task` would, without its per-call
+    routing, option and repr work: `declare=[]` because the workers declare their
+    queues, and an anonymous-exchange publish needs no binding lookup."""
+    args = [m.job_id, m.queue]
+    message = app.amqp.create_task_message(
+        uuid(), RUN_JOB, args, {}, argsrepr=repr(args), kwargsrepr="{}"
+    )
+    app.amqp.send_task_message(
+        producer, RUN_JOB, message, queue=m.queue,
+        priority=m.priority,  # a high job's token jumps ahead of a backlog
+        retry=False, declare=[],
+    )  # fmt: skip
+
+
 # A batch's tokens go out in Redis pipelines of this many (kombu's Producer.batch):
 # one round trip per chunk instead of one (plus a Redis client object) per message.
 BATCHED_MIN = 32
@@ -75,34 +84,22 @@ BATCH_CHUNK = 1000
 
 
 def _send_batched(app: Celery, messages: list[Message]) -> int:
-    """Celery's own messages and publish, batched: 50,000 tokens in seconds, not minutes.
+    """`_publish`, batched: 50,000 tokens in seconds, not minutes.
 
     kombu batches Redis publishes only on a connection without `retry_on_timeout` (a
     replayed pipeline could send twice), so this uses a connection of its own without
-    it: a timeout mid-chunk can only lose tokens, which the sweeper tops up. The
-    messages are built with `amqp.create_task_message`/`send_task_message`, what
-    `send_task` calls, without its per-call routing and repr work; `declare=[]`
-    because the workers declare their queues, and an anonymous-exchange publish
-    needs no binding lookup.
+    it: a timeout mid-chunk can only lose tokens, which the sweeper tops up.
     """
-    amqp = app.amqp
     options = {**app.conf.broker_transport_options, "retry_on_timeout": False}
     sent = 0
     try:
         with app.connection_for_write(transport_options=options) as conn:
-            producer = amqp.Producer(conn)
+            producer = app.amqp.Producer(conn)
             with producer.batch(BATCH_CHUNK) as batch:
                 for start in range(0, len(messages), BATCH_CHUNK):
                     chunk = messages[start : start + BATCH_CHUNK]
                     for m in chunk:
-                        args = [m.job_id, m.queue]
-                        message = amqp.create_task_message(
-                            uuid(), RUN_JOB, args, {}, argsrepr=repr(args), kwargsrepr="{}"
-                        )
-                        amqp.send_task_message(
-                            producer, RUN_JOB, message, queue=m.queue, priority=m.priority,
-                            retry=False, declare=[],
-                        )  # fmt: skip
+                        _publish(app, producer, m)
                     batch.flush()
                     sent += len(chunk)
     except (redis.RedisError, KombuError, OSError) as exc:

@@ -113,7 +113,7 @@ _QUEUED_OF_USER = (
 
 
 def queued_count(session: Session, user_id: str) -> int:
-    return session.scalar(_QUEUED_OF_USER, {"user_id": user_id}) or 0
+    return session.connection().scalar(_QUEUED_OF_USER, {"user_id": user_id}) or 0
 
 
 def queue_position(session: Session, job: Job) -> int | None:
@@ -147,9 +147,12 @@ def view_select(*where: Any) -> Any:
     return select(*VIEW_COLUMNS, QUEUE_POSITION).where(*where)
 
 
+_INSERT_ONE = insert(JOBS).returning(*VIEW_COLUMNS, QUEUE_POSITION)
+
+
 def insert_one(session: Session, row: dict[str, Any]) -> Row:
     """Insert one job; returns it as `view_select` shows it, in the same round trip."""
-    return session.execute(insert(JOBS).returning(*VIEW_COLUMNS, QUEUE_POSITION), row).one()
+    return session.connection().execute(_INSERT_ONE, row).one()
 
 
 # Built once: SQLAlchemy then only looks the compiled form up in its cache.
@@ -158,10 +161,14 @@ _BY_ID_OF_USER = _BY_ID.where(JOBS.c.user_id == bindparam("user_id"))
 
 
 def visible_row(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Row | None:
-    """`visible`, as a plain row that carries its `queue_position`."""
+    """`visible`, as a plain row that carries its `queue_position`.
+
+    Core statements run on the session's connection (no ORM machinery), here and in
+    the other per-request queries."""
+    conn = session.connection()
     if is_admin:
-        return session.execute(_BY_ID, {"job_id": job_id}).first()
-    return session.execute(_BY_ID_OF_USER, {"job_id": job_id, "user_id": user_id}).first()
+        return conn.execute(_BY_ID, {"job_id": job_id}).first()
+    return conn.execute(_BY_ID_OF_USER, {"job_id": job_id, "user_id": user_id}).first()
 
 
 def visible(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Job | None:

@@ -114,5 +114,6 @@ _PRINCIPAL = (
 
 def principal_for_key(session: Session, key_id: str) -> Principal | None:
     """The token's principal, or None when its key was revoked or its user deleted."""
-    row = session.execute(_PRINCIPAL, {"key_id": key_id}).first()
+    # On the session's connection: a Core statement needs none of the ORM's machinery.
+    row = session.connection().execute(_PRINCIPAL, {"key_id": key_id}).first()
     return Principal(row[0], row[1], row[2], key_id) if row else None
