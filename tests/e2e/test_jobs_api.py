@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
@@ -54,6 +55,29 @@ def test_long_poll_wakes_on_completion_not_on_timeout(api: support.Api) -> None:
     took = time.monotonic() - t0
     assert r.status_code == 200
     assert took < 10, f"long poll returned after {took:.1f}s: it was not woken by the job's end"
+
+
+def test_parked_long_polls_hold_no_database_connection(api: support.Api) -> None:
+    # 40 long polls park on one job, four times the connections the API process may
+    # open (pool 5 + overflow 5). Were each to hold one while it waits, the others and
+    # the plain read below would wait for the pool until its 10 s timeout (the job runs
+    # longer than that) and answer 503.
+    job = api.submit({"sleep_s": 11})
+    headers = {"Authorization": api.s.headers["Authorization"]}
+
+    def long_poll(_: int) -> int:
+        r = requests.get(
+            f"{api.base}/result/{job['id']}", params={"wait": 30}, headers=headers, timeout=60
+        )
+        return r.status_code
+
+    with ThreadPoolExecutor(40) as pool:
+        polls = pool.map(long_poll, range(40))
+        time.sleep(1.5)  # every poll is parked by now
+        t0 = time.monotonic()
+        assert api.get(f"/v1/jobs/{job['id']}").status_code == 200
+        assert time.monotonic() - t0 < 3
+        assert list(polls) == [200] * 40
 
 
 def test_prefer_wait_returns_finished_job(api: support.Api) -> None:
