@@ -39,7 +39,17 @@ def configure(component: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(s.log_level)
-    for noisy in ("urllib3", "kombu", "amqp", "celery.beat", "celery.app.trace", "alembic"):
+    # celery.worker.strategy: "Task … received", a line per job before "job started".
+    noisy_loggers = (
+        "urllib3",
+        "kombu",
+        "amqp",
+        "celery.beat",
+        "celery.app.trace",
+        "celery.worker.strategy",
+        "alembic",
+    )
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

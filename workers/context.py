@@ -63,7 +63,8 @@ class Courier:
     def watch(self, ctx: RunContext) -> None:
         with self._cond:
             self._watched[ctx.job_id] = ctx
-            self._wake()
+            if len(self._watched) == 1 or self._thread is None or not self._thread.is_alive():
+                self._wake()  # else it is polling already: no wake-up per job
 
     def unwatch(self, ctx: RunContext) -> None:
         with self._cond:
@@ -192,33 +193,86 @@ class RunContext:
             raise JobTimedOut(f"job ran past its timeout of {self.claim.timeout_s} s")
 
 
-class Heartbeat(threading.Thread):
-    """Renews the lease; notices a cancel request or a job taken away."""
+class Heartbeat:
+    """One thread per process renews the leases of all its running jobs, in one statement
+    per beat (a thread started per job cost more than a tiny job itself). Notices a
+    cancel request or a job taken away; a job whose lease could not be renewed for a
+    whole lease is given up (`ctx.lost`), since the sweeper may hand it to another worker.
+    """
 
-    def __init__(self, ctx: RunContext, interval_s: float) -> None:
-        super().__init__(name=f"heartbeat-{ctx.job_id}", daemon=True)
-        self.ctx, self.interval_s = ctx, interval_s
-        self._stop_event = threading.Event()
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._cond = threading.Condition()
+        self._jobs: dict[str, tuple[RunContext, float]] = {}  # job id → (ctx, last renewed)
+        self._thread: threading.Thread | None = None
 
-    def run(self) -> None:
-        renewed = time.monotonic()
+    def add(self, ctx: RunContext) -> None:
+        with self._cond:
+            self._jobs[ctx.job_id] = (ctx, time.monotonic())
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="spool-heartbeat", daemon=True
+                )
+                self._thread.start()
+            elif len(self._jobs) == 1:
+                self._cond.notify()  # it sleeps until there is a job to renew
+
+    def remove(self, ctx: RunContext) -> None:
+        with self._cond:
+            if self._jobs.get(ctx.job_id, (None,))[0] is ctx:
+                del self._jobs[ctx.job_id]
+
+    def _loop(self) -> None:
         lease_s = settings.get().lease_s
-        while not self._stop_event.wait(self.interval_s):
-            try:
-                status = lease.renew(self.ctx.claim)
-            except Exception:  # database unreachable: retry next beat, until the lease is gone
-                if time.monotonic() - renewed >= lease_s:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                # Every job is renewed within one interval of its claim, then every interval.
+                deadline = time.monotonic() + self.interval_s
+                while (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                jobs = list(self._jobs.values())
+            if jobs:
+                self._beat(jobs, lease_s)
+
+    def _beat(self, jobs: list[tuple[RunContext, float]], lease_s: float) -> None:
+        try:
+            statuses = lease.renew([ctx.claim for ctx, _ in jobs])
+        except Exception:  # database unreachable: retry next beat, until the lease is gone
+            now = time.monotonic()
+            for ctx, renewed in jobs:
+                if now - renewed >= lease_s:
                     # The sweeper may hand the job to another worker now: stop, so that
                     # it never runs twice at once.
-                    self.ctx.lost.set()
-                    return
-                continue
-            renewed = time.monotonic()
+                    self._give_up(ctx)
+            return
+        now = time.monotonic()
+        for ctx, _ in jobs:
+            status = statuses.get(ctx.job_id)
             if status is None:
-                self.ctx.lost.set()
-                return
+                self._give_up(ctx)
+                continue
+            with self._cond:
+                if self._jobs.get(ctx.job_id, (None,))[0] is ctx:
+                    self._jobs[ctx.job_id] = (ctx, now)
             if status == "canceling":
-                self.ctx.cancel_event.set()
+                ctx.cancel_event.set()
 
-    def stop(self) -> None:
-        self._stop_event.set()
+    def _give_up(self, ctx: RunContext) -> None:
+        ctx.lost.set()
+        self.remove(ctx)
+
+
+_heartbeat: Heartbeat | None = None
+_heartbeat_pid = 0
+
+
+def heartbeat() -> Heartbeat:
+    """This process's heartbeat (a forked child builds its own, as for the courier)."""
+    global _heartbeat, _heartbeat_pid
+    with _courier_lock:
+        if _heartbeat is None or _heartbeat_pid != os.getpid():
+            _heartbeat = Heartbeat(settings.get().heartbeat_interval)
+            _heartbeat_pid = os.getpid()
+        return _heartbeat

@@ -8,13 +8,13 @@ from typing import Any
 
 from sqlalchemy.exc import DataError
 
-from spool import registry, settings
+from spool import registry
 from spool.states import Status
 from workers import lease
 from workers.app import WORKER_NAME, app, base_url
 from workers.backends import backend_class
 from workers.backends.base import Backend, JobCanceled, JobTimedOut, ModelLoadError
-from workers.context import Heartbeat, RunContext
+from workers.context import RunContext, heartbeat
 
 log = logging.getLogger("spool.worker")
 
@@ -69,8 +69,8 @@ def run_job(hint: str, queue: str) -> str:
     job_id = c.job_id
     log.info("job started", extra={"job_id": job_id, "attempt": c.attempts})
     ctx = RunContext(c, base_url())
-    beat = Heartbeat(ctx, settings.get().heartbeat_interval)
-    beat.start()
+    beat = heartbeat()
+    beat.add(ctx)
     try:
         spec = registry.get(c.model)
         if spec is None:
@@ -91,7 +91,7 @@ def run_job(hint: str, queue: str) -> str:
             _error(getattr(exc, "code", "inference_error"), f"{type(exc).__name__}: {exc}"),
         )
     finally:
-        beat.stop()
+        beat.remove(ctx)
         ctx.close()  # its progress and token events go out before its final status
     if ctx.lost.is_set() or not _finish(c, status, out, err):
         log.warning(
