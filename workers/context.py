@@ -31,6 +31,9 @@ log = logging.getLogger("spool.worker")
 PROGRESS_DB_EVERY_S = 0.5
 # Redis is asked about the running jobs' cancel flags this often.
 CANCEL_POLL_S = 0.05
+# Events wait this long for company before they go out (one Redis round trip per round,
+# not per token); a job's end sends its events at once.
+COALESCE_S = 0.02
 # close() waits at most this long for a job's events to be sent (Redis may be down).
 FLUSH_TIMEOUT_S = 5.0
 
@@ -46,18 +49,24 @@ class Courier:
         self._handed = 0  # items handed in so far
         self._done = 0  # items handed in before the last finished round
         self._last_poll = 0.0
+        self._first_at: float | None = None  # when the oldest unsent item was handed in
+        self._asked = False  # a flush() waits: send without waiting for company
         self._thread: threading.Thread | None = None
 
     def event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
         with self._cond:
             self._events.append((job_id, type_, data))
-            self._handed += 1
-            self._wake()
+            self._handed_in()
 
     def progress(self, claim: lease.Claim, current: int, total: int) -> None:
         with self._cond:
             self._progress[claim.job_id] = (claim, current, total)
-            self._handed += 1
+            self._handed_in()
+
+    def _handed_in(self) -> None:  # with the lock held
+        self._handed += 1
+        if self._first_at is None:  # the first of a round wakes the thread; not each one
+            self._first_at = time.monotonic()
             self._wake()
 
     def watch(self, ctx: RunContext) -> None:
@@ -75,6 +84,9 @@ class Courier:
         """Wait until everything handed in so far is sent; False if that took too long."""
         with self._cond:
             target = self._handed
+            if self._done < target:
+                self._asked = True
+                self._cond.notify_all()
             return self._cond.wait_for(lambda: self._done >= target, timeout)
 
     def _wake(self) -> None:  # with the lock held
@@ -86,16 +98,22 @@ class Courier:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._events or self._progress):
-                    if not self._watched:
-                        self._cond.wait()
-                        continue
-                    left = self._last_poll + CANCEL_POLL_S - time.monotonic()
-                    if left <= 0:
-                        break
+                while True:
+                    now = time.monotonic()
+                    if self._first_at is not None:  # something to send
+                        left = self._first_at + COALESCE_S - now
+                        if self._asked or left <= 0:
+                            break
+                    elif self._watched:  # nothing to send: poll the cancel flags in time
+                        left = self._last_poll + CANCEL_POLL_S - now
+                        if left <= 0:
+                            break
+                    else:
+                        left = None
                     self._cond.wait(left)
                 batch, self._events = self._events, []
                 progress, self._progress = self._progress, {}
+                self._first_at, self._asked = None, False
                 watched = list(self._watched.values())
                 handed = self._handed
             try:

@@ -28,8 +28,9 @@ _setup_lock = threading.Lock()
 
 
 def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
-    """Micro-batched when the model allows batches; straight to the backend otherwise."""
-    if spec.max_batch_size > 1:
+    """Through the model's micro-batcher (one batch at a time, batches of up to
+    max_batch_size); straight to the backend for one that runs jobs side by side."""
+    if spec.max_batch_size > 1 or backend_class(spec.kind).serial:
         from workers.batching import batcher_for
 
         return batcher_for(spec).run(ctx)

@@ -49,6 +49,10 @@ class JobContext(Protocol):
 
 class Backend(ABC):
     kind: ClassVar[str]
+    # A model on a device runs one batch at a time per process (through its micro-batcher,
+    # even at max_batch_size 1): threads that each run their own forward passes on one
+    # device only contend for it (and for the GIL) and multiply its activation memory.
+    serial: ClassVar[bool] = True
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

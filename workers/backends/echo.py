@@ -16,6 +16,7 @@ class EchoFailed(RuntimeError):
 @register
 class EchoBackend(Backend):
     kind = "echo"
+    serial = False  # no device: its sleeps overlap, as many as the worker has slots
 
     def setup(self) -> None:
         pass
