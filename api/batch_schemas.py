@@ -8,7 +8,7 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from api.schemas import MAX_METADATA_BYTES, JobCreateSchema, Strict
+from api.schemas import MAX_METADATA_BYTES, JobCreateSchema, Strict, no_nul
 from api.webhook_guard import validate_webhook_url
 
 MAX_JOBS = 100_000
@@ -16,7 +16,7 @@ MAX_JOBS = 100_000
 
 class BatchJobSchema(JobCreateSchema):
     custom_id = fields.String(
-        validate=validate.Length(1, 200),
+        validate=[validate.Length(1, 200), no_nul],
         metadata={"description": "your id for this job, unique within the batch"},
     )
 

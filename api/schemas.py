@@ -184,6 +184,12 @@ def load_input(spec: ModelSpec, raw: Any) -> dict[str, Any]:
 # --- job requests ---------------------------------------------------------------------
 
 
+def no_nul(value: str) -> None:
+    """For strings stored in text columns: PostgreSQL's text cannot hold U+0000."""
+    if "\x00" in value:
+        raise ValidationError("must not contain NUL characters (\\u0000)")
+
+
 class JobCreateSchema(Strict):
     kind = fields.String(required=True, validate=validate.OneOf(list(INPUT_SCHEMAS)))
     model = fields.String(required=True, validate=validate.Length(1, 200))

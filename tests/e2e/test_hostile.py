@@ -354,8 +354,21 @@ JSON_CT, NDJSON_CT = "application/json", "application/x-ndjson"
             NDJSON_CT,
             b'{"kind": "echo", "model": "echo", "input": {"value": "\\u0000"}}\n',
         ),
+        (  # a text column, not jsonb: the driver refuses it before PostgreSQL sees it
+            "/v1/batches",
+            JSON_CT,
+            b'{"jobs": [{"kind": "echo", "model": "echo", "input": {}, "custom_id": "a\\u0000"}]}',
+        ),
     ],
-    ids=["nul", "lone-surrogate", "nan", "infinity", "batch-nan", "batch-ndjson-nul"],
+    ids=[
+        "nul",
+        "lone-surrogate",
+        "nan",
+        "infinity",
+        "batch-nan",
+        "batch-ndjson-nul",
+        "batch-custom-id-nul",
+    ],
 )
 def test_json_that_postgres_cannot_store_is_a_4xx(
     api: support.Api, path: str, ctype: str, raw: bytes
