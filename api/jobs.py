@@ -95,7 +95,8 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
             return job_response(existing), 202, {"Location": f"/v1/jobs/{existing}"}
     try:
         cap = current_app.config["SPOOL"].max_queued_per_user
-        with dbsession.transaction() as s:
+        # Without an Idempotency-Key the INSERT is the only write: it commits on its own.
+        with dbsession.transaction(atomic=key is not None) as s:
             if jobs.queued_count(s, p.user_id) >= cap:
                 raise errors.ApiError(
                     429,

@@ -164,6 +164,10 @@ def api(port: int | None, host: str | None, n_workers: int | None) -> None:
     os.execv(sys.executable, args)
 
 
+# Slots of a worker serving no model (see `worker`).
+HOUSEKEEPING_CONCURRENCY = 32
+
+
 @cli.command()
 @click.option(
     "--models",
@@ -206,8 +210,11 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     from workers.app import app
 
     # Jobs of a micro-batch each hold a slot while they wait: auto-size for the largest batch.
+    # A housekeeping worker (no models) mostly waits on webhook receivers, some of which
+    # hang until the timeout: many slots, so that they cannot hold up the others.
     largest = max((spec.max_batch_size for n in names if (spec := registry.get(n))), default=1)
-    conc = concurrency or settings.get().worker_concurrency or max(4, 2 * largest)
+    auto = max(4, 2 * largest) if names else HOUSEKEEPING_CONCURRENCY
+    conc = concurrency or settings.get().worker_concurrency or auto
     app.worker_main(
         [
             "worker",

@@ -33,7 +33,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, pool_size: int | None = None, max_overflow: int | None = None) -> Engine:
+def make_engine(
+    url: str, pool_size: int | None = None, max_overflow: int | None = None, **kw: Any
+) -> Engine:
     s = settings.get()
     eng = create_engine(
         normalize_url(url),
@@ -46,6 +48,7 @@ def make_engine(url: str, pool_size: int | None = None, max_overflow: int | None
         # A dead database must fail a request in seconds, not hang it.
         connect_args={"connect_timeout": 3, "options": "-c statement_timeout=30000"},
         future=True,
+        **kw,
     )
     event.listen(eng, "checkout", _ping_if_idle)
     event.listen(eng, "checkin", _mark_used)
@@ -82,12 +85,35 @@ def engine() -> Engine:
 
 
 @lru_cache(maxsize=1)
+def autocommit_engine() -> Engine:
+    """Each statement commits on its own: reads cost one round trip, not three (psycopg2
+    sends BEGIN, and the pool a ROLLBACK, around every transaction). For the API's
+    request sessions (api/dbsession.py), which open a transaction only to write."""
+    return make_engine(settings.get().database_url, isolation_level="AUTOCOMMIT")
+
+
+@lru_cache(maxsize=1)
 def _factory() -> sessionmaker[Session]:
     return sessionmaker(bind=engine(), expire_on_commit=False)
 
 
+@lru_cache(maxsize=1)
+def _autocommit_factory() -> sessionmaker[Session]:
+    return sessionmaker(bind=autocommit_engine(), expire_on_commit=False)
+
+
 def session() -> Session:
     return _factory()()
+
+
+def autocommit_session() -> Session:
+    return _autocommit_factory()()
+
+
+def clear_caches() -> None:
+    """Forget engines and factories (tests and benchmarks that change DATABASE_URL)."""
+    for cached in (engine, autocommit_engine, _factory, _autocommit_factory):
+        cached.cache_clear()
 
 
 @contextmanager
@@ -103,8 +129,9 @@ def transaction() -> Iterator[Session]:
 
 def dispose() -> None:
     """Forget connections inherited across fork (the parent keeps its own)."""
-    if engine.cache_info().currsize:
-        engine().dispose(close=False)
+    for cached in (engine, autocommit_engine):
+        if cached.cache_info().currsize:
+            cached().dispose(close=False)
 
 
 def alembic_config(url: str | None = None):  # -> alembic.config.Config

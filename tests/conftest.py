@@ -31,8 +31,7 @@ def database_url(services: support.Services) -> Iterator[str]:
     from spool import db, redisconn, registry, settings
 
     settings.get.cache_clear()
-    db.engine.cache_clear()
-    db._factory.cache_clear()
+    db.clear_caches()
     redisconn.reset()
     registry.models.cache_clear()
     redisconn.client().flushdb()

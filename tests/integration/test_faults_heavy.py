@@ -144,7 +144,9 @@ def test_hanging_or_failing_receivers_do_not_slow_jobs(
     try:
         p.start_api()
         p.start_beat()
-        p.start_worker(queues="spool.cpu")
+        # As deployed: the webhook worker's slots outnumber the receivers that hang (its
+        # auto size is 32; FAST_ENV pins 4 for every worker).
+        p.start_worker(queues="spool.cpu", SPOOL_WORKER_CONCURRENCY="16")
         p.start_worker(models="echo")
         api = support.Api(p.url, p.user())
         hooks = [
