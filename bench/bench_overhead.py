@@ -291,8 +291,7 @@ def profile_api(
     from spool import db, redisconn, registry, settings
 
     settings.get.cache_clear()
-    db.engine.cache_clear()
-    db._factory.cache_clear()
+    db.clear_caches()
     redisconn.reset()
     registry.models.cache_clear()
     from api import create_app
