@@ -4,7 +4,8 @@
 
 1. Latency: --jobs sequential echo jobs, from POST /v1/jobs to GET /result/<id>?wait=30
    answering 200 (a long poll, so no poll interval is measured), against bare Celery's
-   `noop.delay(x).get()` (bench/bare_celery.py) on the same Redis.
+   `noop.delay(x).get()` (bench/bare_celery.py) on the same Redis. For reference, also
+   the one-request client: POST with `Prefer: wait=30`, answered 200 with the result.
 2. Throughput: --clients closed-loop clients (submit, wait for the result, repeat) for
    --seconds with 1 and then 2 worker processes, against bare Celery with as many worker
    processes (thread pool, same concurrency).
@@ -95,6 +96,23 @@ async def spool_sequential(url: str, token: str, n: int) -> list[Done]:
     http = Http.for_url(url, token)
     try:
         return [await spool_job(http, i) for i in range(n)]
+    finally:
+        await http.close()
+
+
+async def spool_prefer_wait(url: str, token: str, n: int) -> Latencies:
+    """The one-request client: POST with `Prefer: wait=30`, answered 200 with the result."""
+    http = Http.for_url(url, token)
+    lat = Latencies()
+    try:
+        for i in range(n):
+            m0 = time.perf_counter()
+            body = {**ECHO, "input": {"value": i}}
+            r = await http.request("POST", "/v1/jobs", body, headers={"Prefer": "wait=30"})
+            if r.status != 200:
+                raise HttpError(f"POST /v1/jobs with Prefer: wait answered {r.status}")
+            lat.add(time.perf_counter() - m0)
+        return lat
     finally:
         await http.close()
 
@@ -391,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         seq = asyncio.run(spool_sequential(plat.url, token, args.jobs))
         spool_lat = Latencies([d.total_s for d in seq])
         bare_lat = bare.sequential(args.jobs)
+        prefer_lat = asyncio.run(spool_prefer_wait(plat.url, token, args.jobs))
         spool_phases = phases(plat, seq)
         commit = commit_latency(plat.database_url)
         spool_phases.append(
@@ -425,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         ("Spool: POST → GET /result?wait → 200", *(spool_lat.ms(q) for q in (50, 95, 99))),
         ("bare Celery: delay() → get()", *(bare_lat.ms(q) for q in (50, 95, 99))),
         ("ratio Spool / Celery", *(ratio(spool_lat.ms(q), bare_lat.ms(q)) for q in (50, 95, 99))),
+        (
+            "(for reference) Spool, one request: POST + Prefer: wait → 200",
+            *(prefer_lat.ms(q) for q in (50, 95, 99)),
+        ),
     ]
     console.print(
         table(
