@@ -171,15 +171,22 @@ class RunContext:
         self.cancel_event = threading.Event()
         self.lost = threading.Event()  # the sweeper took the job back
         self._base_url = base_url
-        self._last_db = time.monotonic()  # a job done within PROGRESS_DB_EVERY_S writes once
+        # Progress is written to PostgreSQL every PROGRESS_DB_EVERY_S of running, counted
+        # from the first report (not from the claim: a job may wait for its batch); a job
+        # done sooner writes none, and its finish records the last (`last_progress`).
+        self._last_db: float | None = None
+        self.last_progress: tuple[int, int] | None = None
         self._courier = courier()
         self._courier.watch(self)
 
     # --- reporting ----------------------------------------------------------------
     def progress(self, current: int, total: int) -> None:
         self._courier.event(self.job_id, "progress", {"current": current, "total": total})
+        self.last_progress = (current, total)
         now = time.monotonic()
-        if now - self._last_db >= PROGRESS_DB_EVERY_S or current >= total:
+        if self._last_db is None:
+            self._last_db = now
+        elif now - self._last_db >= PROGRESS_DB_EVERY_S:
             self._last_db = now
             self._courier.progress(self.claim, current, total)
 

@@ -46,9 +46,10 @@ def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
     return result
 
 
-def _finish(c: lease.Claim, status: str, out: Any, err: dict[str, str] | None) -> bool:
+def _finish(ctx: RunContext, status: str, out: Any, err: dict[str, str] | None) -> bool:
+    c = ctx.claim
     try:
-        return lease.finish(c, status, out, err)
+        return lease.finish(c, status, out, err, ctx.last_progress)
     except DataError as exc:
         # An output PostgreSQL refuses (e.g. NUL in text) would fail again on every retry:
         # fail the job now with the reason, instead of letting its lease run out.
@@ -58,6 +59,7 @@ def _finish(c: lease.Claim, status: str, out: Any, err: dict[str, str] | None) -
             Status.FAILED,
             None,
             _error("unstorable_output", f"the output could not be stored: {exc.orig}"),
+            ctx.last_progress,
         )
 
 
@@ -94,7 +96,7 @@ def run_job(hint: str, queue: str) -> str:
     finally:
         beat.remove(ctx)
         ctx.close()  # its progress and token events go out before its final status
-    if ctx.lost.is_set() or not _finish(c, status, out, err):
+    if ctx.lost.is_set() or not _finish(ctx, status, out, err):
         log.warning(
             "job was taken back before it finished; outcome dropped", extra={"job_id": job_id}
         )

@@ -131,14 +131,22 @@ def progress(c: Claim, current: int, total: int) -> None:
 FINISH_SQL = text(
     "UPDATE jobs SET status = :status, output = CAST(:output AS jsonb), "
     "error = CAST(:error AS jsonb), finished_at = now(), updated_at = now(), "
-    "lease_expires_at = NULL "
+    "lease_expires_at = NULL, progress = COALESCE(CAST(:progress AS jsonb), progress) "
     "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
     f"RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s, {lifecycle.RETURNING}"
 )
 
 
-def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | None = None) -> bool:
-    """Record the outcome if the job is still ours; False when it was taken away."""
+def finish(
+    c: Claim,
+    status: str,
+    output: Any = None,
+    error: dict[str, str] | None = None,
+    progress: tuple[int, int] | None = None,
+) -> bool:
+    """Record the outcome (and the last progress the job reported) if the job is still
+    ours; False when it was taken away."""
+    last = {"current": progress[0], "total": progress[1]} if progress else None
     with db.transaction() as s:
         conn = s.connection()  # Core: none of the ORM's execute machinery
         row = conn.execute(
@@ -149,6 +157,7 @@ def finish(c: Claim, status: str, output: Any = None, error: dict[str, str] | No
                 "status": status,
                 "output": json.dumps(output) if output is not None else None,
                 "error": json.dumps(error) if error is not None else None,
+                "progress": json.dumps(last) if last is not None else None,
             },
         ).first()
         if row is not None:

@@ -324,6 +324,8 @@ def test_text_events_stream_tokens_with_progress(owner: support.Api) -> None:
     events = _sse(owner, job["id"])
     done = owner.wait(job["id"])
     assert done["status"] == "succeeded"
+    # The finish records the last progress, however few writes the job made on the way.
+    assert done["progress"] == {"current": 16, "total": 16, "fraction": 1.0}
     progress = [e["data"] for e in events if e["event"] == "progress"]
     assert progress == [{"current": i, "total": 16} for i in range(1, 17)]
     tokens = [e["data"]["text"] for e in events if e["event"] == "token"]
