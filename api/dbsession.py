@@ -36,22 +36,28 @@ def get() -> Session:
 def transaction(atomic: bool = True) -> Iterator[Session]:
     """The block's statements commit together, or not at all. `atomic=False` when the
     block writes with a single statement, which commits on its own: two round trips
-    (BEGIN, COMMIT) fewer."""
+    (BEGIN, COMMIT) fewer.
+
+    Either way the session's own commit ends the block (no round trip in autocommit): it
+    runs the session's after_commit hooks, e.g. the webhook wake-ups of
+    spool.webhooks.wake_after_commit, and a failure runs its after_rollback ones.
+    """
     s = get()
-    if not atomic:
-        yield s
-        return
     conn = s.connection()
-    conn.exec_driver_sql("BEGIN")
+    if atomic:
+        conn.exec_driver_sql("BEGIN")
     try:
         yield s
         s.flush()  # the ORM's pending writes go in before the COMMIT
-        conn.exec_driver_sql("COMMIT")
+        if atomic:
+            conn.exec_driver_sql("COMMIT")
+        s.commit()
     except BaseException:
-        try:
-            conn.exec_driver_sql("ROLLBACK")
-        except SQLAlchemyError as exc:  # the connection died: the server dropped the txn
-            log.warning("rollback failed: %s", exc)
+        if atomic:
+            try:
+                conn.exec_driver_sql("ROLLBACK")
+            except SQLAlchemyError as exc:  # the connection died: the server dropped it
+                log.warning("rollback failed: %s", exc)
         s.rollback()  # the session forgets the block's changes and returns the connection
         raise
 

@@ -192,3 +192,24 @@ def test_private_webhook_urls_are_refused_at_submit(
     r = api.post("/v1/jobs", json=public)
     assert r.status_code == 202, r.text
     assert api.get("/v1/jobs", params={"limit": 500}).json()["data"][0]["id"] == r.json()["id"]
+
+
+def test_api_sends_its_wake_ups_after_commit_without_the_sweeper(
+    services: support.Services, receiver: Receiver, tmp_path
+) -> None:
+    """A cancel's job.completed and a redeliver are woken by the API right after its
+    commit (webhooks.wake_after_commit); no beat runs here, so no sweeper can make up for
+    a wake-up that was dropped."""
+    p = support.IsolatedPlatform(services, tmp_path, {"SPOOL_WEBHOOK_ALLOW_PRIVATE": "1"})
+    try:
+        p.start_api()
+        p.start_worker(queues="spool.cpu")  # webhooks only: the echo job stays queued
+        api = support.Api(p.url, p.user())
+        job = api.submit({"value": 1}, webhook=receiver.url())
+        assert api.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "canceled"
+        (first,) = receiver.wait_for(for_job(job["id"], "job.completed"), timeout=15)
+        assert first.json["data"]["status"] == "canceled"
+        assert api.post(f"/v1/jobs/{job['id']}/webhooks/redeliver").status_code == 202
+        receiver.wait_for(for_job(job["id"], "job.completed"), count=2, timeout=15)
+    finally:
+        p.close()
