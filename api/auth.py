@@ -62,8 +62,8 @@ class Token(MethodView):
     @blp.response(200, TokenSchema)
     def post(self, body: dict) -> dict:
         """Exchange an API key for a bearer token."""
-        with dbsession.transaction() as s:
-            p = users.authenticate(s, body["api_key"])
+        s = dbsession.get()  # reads only: autocommit, no transaction
+        p = users.authenticate(s, body["api_key"])
         if p is None:
             raise errors.ApiError(401, "invalid or revoked API key", "invalid_api_key")
         ttl = current_app.config["SPOOL"].token_ttl_s
@@ -83,6 +83,6 @@ class WebhookSecret(MethodView):
     def get(self) -> dict:
         """The signing secret of your webhooks (Standard Webhooks)."""
         p = principal()
-        with dbsession.transaction() as s:
-            user = s.get(User, p.user_id)
-            return {"secret": user.webhook_secret if user else ""}
+        s = dbsession.get()  # reads only: autocommit, no transaction
+        user = s.get(User, p.user_id)
+        return {"secret": user.webhook_secret if user else ""}

@@ -270,8 +270,8 @@ def create() -> tuple[dict[str, Any], int, dict[str, str]]:
 
 def response(batch_id: str) -> dict[str, Any]:
     p = principal()
-    with dbsession.transaction() as s:
-        b = batches.visible(s, batch_id, p.user_id, p.is_admin)
-        if b is None:
-            raise errors.not_found("batch")
-        return batches.to_object(s, b, base_url())
+    s = dbsession.get()  # reads only: autocommit, no transaction
+    b = batches.visible(s, batch_id, p.user_id, p.is_admin)
+    if b is None:
+        raise errors.not_found("batch")
+    return batches.to_object(s, b, base_url())

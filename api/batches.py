@@ -70,18 +70,18 @@ class Batches(MethodView):
     def get(self, q: dict[str, Any]):
         """List your batches, newest first."""
         stmt = pagination.newest_first(select(Batch), Batch, q, principal())
-        with dbsession.transaction() as s:
-            rows, cursor = pagination.split(list(s.scalars(stmt)), q["limit"])
-            counts: dict[str, dict[str, int]] = {b.id: {} for b in rows}
-            if rows:
-                for r in s.execute(
-                    text(
-                        "SELECT batch_id, status, count(*) AS n FROM jobs "
-                        "WHERE batch_id = ANY(:ids) GROUP BY batch_id, status"
-                    ),
-                    {"ids": list(counts)},
-                ):
-                    counts[r.batch_id][r.status] = r.n
+        s = dbsession.get()  # reads only: autocommit, no transaction
+        rows, cursor = pagination.split(list(s.scalars(stmt)), q["limit"])
+        counts: dict[str, dict[str, int]] = {b.id: {} for b in rows}
+        if rows:
+            for r in s.execute(
+                text(
+                    "SELECT batch_id, status, count(*) AS n FROM jobs "
+                    "WHERE batch_id = ANY(:ids) GROUP BY batch_id, status"
+                ),
+                {"ids": list(counts)},
+            ):
+                counts[r.batch_id][r.status] = r.n
         base = base_url()
         data = [serialize.batch(b, counts[b.id], base) for b in rows]
         return {"data": data, "next_cursor": cursor}
@@ -93,8 +93,8 @@ class Batches(MethodView):
 @blp.response(200, BatchSchema)
 def get(batch_id: str):
     """Get a batch with live counts of its jobs."""
-    with dbsession.transaction() as s:
-        return batches.to_object(s, load_visible(s, batch_id), base_url())
+    s = dbsession.get()  # reads only: autocommit, no transaction
+    return batches.to_object(s, load_visible(s, batch_id), base_url())
 
 
 def _result_lines(batch_id: str) -> Iterator[bytes]:
@@ -138,8 +138,8 @@ def _result_lines(batch_id: str) -> Iterator[bytes]:
 )
 def results(batch_id: str):
     """Stream the batch's results as NDJSON: custom_id, job_id, status, output, error."""
-    with dbsession.transaction() as s:
-        load_visible(s, batch_id)
+    s = dbsession.get()  # reads only: autocommit, no transaction
+    load_visible(s, batch_id)
     dbsession.release()  # the stream reads a page at a time, each on a short session
     return Response(_result_lines(batch_id), mimetype="application/x-ndjson")
 
@@ -161,5 +161,5 @@ def cancel(batch_id: str):
         metrics.JOBS_CANCELED.labels(c.model, stage).inc()
         if c.status == "canceled":
             metrics.observe_job_finished(c.kind, c.model, "canceled", None)
-    with dbsession.transaction() as s:
-        return batches.to_object(s, load_visible(s, batch_id), base_url())
+    s = dbsession.get()  # reads only: autocommit, no transaction
+    return batches.to_object(s, load_visible(s, batch_id), base_url())

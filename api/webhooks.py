@@ -88,16 +88,16 @@ def _with_attempts(s: Any, deliveries: list[WebhookDelivery]) -> list[dict[str, 
 def list_deliveries(q: dict[str, Any], job_id: str):
     """The job's webhook deliveries (oldest first) with every attempt."""
     load_visible(job_id)
-    with dbsession.transaction() as s:
-        newest = list(
-            s.scalars(
-                select(WebhookDelivery)
-                .where(WebhookDelivery.job_id == job_id)
-                .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
-                .limit(q["limit"])
-            )
+    s = dbsession.get()  # reads only: autocommit, no transaction
+    newest = list(
+        s.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.job_id == job_id)
+            .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
+            .limit(q["limit"])
         )
-        return {"data": _with_attempts(s, newest[::-1])}
+    )
+    return {"data": _with_attempts(s, newest[::-1])}
 
 
 REDELIVER_SQL = text(
@@ -123,7 +123,7 @@ def redeliver(job_id: str):
         if delivery_id is None:
             raise errors.ApiError(409, "this job has no webhook event to redeliver", "no_webhook")
         webhooks.wake_after_commit(s, [delivery_id])
-    with dbsession.transaction() as s:
-        d = s.get(WebhookDelivery, delivery_id)
-        assert d is not None
-        return _with_attempts(s, [d])[0]
+    s = dbsession.get()  # reads only: autocommit, no transaction
+    d = s.get(WebhookDelivery, delivery_id)
+    assert d is not None
+    return _with_attempts(s, [d])[0]

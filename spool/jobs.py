@@ -116,19 +116,6 @@ def queued_count(session: Session, user_id: str) -> int:
     return session.connection().scalar(_QUEUED_OF_USER, {"user_id": user_id}) or 0
 
 
-def queue_position(session: Session, job: Job) -> int | None:
-    """Jobs that start before this one on its model's queue (0 = next); None once it runs."""
-    if job.status != Status.QUEUED:
-        return None
-    return session.scalar(
-        text(
-            "SELECT count(*) FROM jobs WHERE status = 'queued' AND queue = :q "
-            "AND (priority_rank < :r OR (priority_rank = :r AND seq < :seq))"
-        ),
-        {"q": job.queue, "r": job.priority_rank, "seq": job.seq},
-    )
-
-
 # Jobs that start before this `jobs` row on its queue, counted on the partial index
 # ix_jobs_queued_order; only for a queued row (CASE evaluates its branches lazily). It
 # names the outer row `jobs`, so it serves a SELECT from jobs and an INSERT's RETURNING.
@@ -160,15 +147,20 @@ _BY_ID = view_select(JOBS.c.id == bindparam("job_id"))
 _BY_ID_OF_USER = _BY_ID.where(JOBS.c.user_id == bindparam("user_id"))
 
 
-def visible_row(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Row | None:
-    """`visible`, as a plain row that carries its `queue_position`.
+def view_row(session: Session, job_id: str) -> Row | None:
+    """The job as `view_select` shows it, whoever owns it.
 
     Core statements run on the session's connection (no ORM machinery), here and in
     the other per-request queries."""
-    conn = session.connection()
+    return session.connection().execute(_BY_ID, {"job_id": job_id}).first()
+
+
+def visible_row(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Row | None:
+    """`visible`, as a plain row that carries its `queue_position`."""
     if is_admin:
-        return conn.execute(_BY_ID, {"job_id": job_id}).first()
-    return conn.execute(_BY_ID_OF_USER, {"job_id": job_id, "user_id": user_id}).first()
+        return view_row(session, job_id)
+    params = {"job_id": job_id, "user_id": user_id}
+    return session.connection().execute(_BY_ID_OF_USER, params).first()
 
 
 def visible(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Job | None:
