@@ -455,27 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
+    def tp_row(label: str, t: Throughput) -> tuple[object, ...]:
+        return (label, t.jobs_s, t.latency.ms(50), t.latency.ms(99), t.errors)
+
     tp_rows: list[tuple[object, ...]] = []
     for n in (1, 2):
         s, b = spool_tp[n], bare_tp[n]
-        tp_rows.append(
-            (
-                f"{n} worker process(es): Spool",
-                s.jobs_s,
-                s.latency.ms(50),
-                s.latency.ms(99),
-                s.errors,
-            )
-        )
-        tp_rows.append(
-            (
-                f"{n} worker process(es): bare Celery",
-                b.jobs_s,
-                b.latency.ms(50),
-                b.latency.ms(99),
-                b.errors,
-            )
-        )
+        tp_rows.append(tp_row(f"{n} worker process(es): Spool", s))
+        tp_rows.append(tp_row(f"{n} worker process(es): bare Celery", b))
         tp_rows.append(
             (
                 f"{n} worker process(es): ratio Spool / Celery",

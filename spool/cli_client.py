@@ -377,6 +377,13 @@ def _counts_line(batch_obj: JSON) -> str:
     return f"{batch_obj['id']} {batch_obj.get('status')}: {shown}"
 
 
+def _show_batch(batch_obj: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(batch_obj)
+    else:
+        click.echo(_counts_line(batch_obj))
+
+
 @batch.command("status")
 @click.argument("batch_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -384,11 +391,7 @@ def _counts_line(batch_obj: JSON) -> str:
 def batch_status(batch_id: str, as_json: bool) -> None:
     """Show a batch's status and live counts."""
     with make_client() as client:
-        found = client.batch(batch_id)
-    if as_json:
-        _print_json(found)
-    else:
-        click.echo(_counts_line(found))
+        _show_batch(client.batch(batch_id), as_json)
 
 
 @batch.command("cancel")
@@ -398,11 +401,7 @@ def batch_status(batch_id: str, as_json: bool) -> None:
 def batch_cancel(batch_id: str, as_json: bool) -> None:
     """Cancel every job of the batch that has not finished."""
     with make_client() as client:
-        found = client.cancel_batch(batch_id)
-    if as_json:
-        _print_json(found)
-    else:
-        click.echo(_counts_line(found))
+        _show_batch(client.cancel_batch(batch_id), as_json)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
