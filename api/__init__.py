@@ -56,6 +56,8 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
 
     jwt.init_app(app)
     limiter.init_app(app)
+    # The scopes of api/jobs.py's shared limits: each group costs one Redis round trip.
+    ratelimit_storage.set_groups(app, {"submit": s.rate_limit_submit, "read": s.rate_limit_read})
     api.init_app(app)
     errors.install(app)
     dbsession.install(app)

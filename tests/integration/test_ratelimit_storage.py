@@ -1,0 +1,179 @@
+"""The rate-limit storage against the real Redis: a request's two windows in one round
+trip, with the counters, TTLs, decisions and headers flask-limiter's own loop gives."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from limits import parse_many
+
+from tests import support
+
+
+@dataclasses.dataclass
+class Limited:
+    app: Flask
+    client: FlaskClient
+    headers: dict[str, str]
+    user: str
+    commands: list[str]  # what the limiter's storage sent to Redis
+
+    def keys(self, limit: str) -> list[str]:
+        """The Redis keys of the read limit's windows, as flask-limiter names them."""
+        from api.extensions import limiter
+
+        storage: Any = limiter.storage
+        return [
+            storage.prefixed_key(item.key_for("spool-rl", f"user:{self.user}", "read"))
+            for item in sorted(parse_many(limit))
+        ]
+
+    def read(self) -> Any:
+        return self.client.get("/v1/jobs", headers=self.headers)
+
+
+def limited_app(read_limit: str, monkeypatch: pytest.MonkeyPatch) -> Limited:
+    from api import create_app
+    from api.extensions import limiter
+    from spool import settings
+
+    app = create_app(dataclasses.replace(settings.get(), rate_limit_read=read_limit))
+    client = app.test_client()
+    r = client.post("/v1/auth/token", json={"api_key": support.create_user()})
+    assert r.status_code == 200, r.text
+    token = r.json["access_token"]
+    user = jwt.decode(token, options={"verify_signature": False})["sub"]
+
+    limiter.storage.incr("warm-up", 1)  # loads the script: later calls are EVALSHA alone
+    commands: list[str] = []
+    conn = limiter.storage.get_connection()  # type: ignore[attr-defined]
+    real = conn.execute_command
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        commands.append(str(args[0]).upper())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(conn, "execute_command", counting)
+    return Limited(app, client, {"Authorization": f"Bearer {token}"}, user, commands)
+
+
+@pytest.fixture()
+def redis(database_url: str, redis_client: Any) -> Iterator[Any]:
+    yield redis_client
+
+
+def test_one_round_trip_for_both_windows(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    lim = limited_app("3/second;5/minute", monkeypatch)
+    second, minute = lim.keys("3/second;5/minute")
+
+    r = lim.read()
+    assert r.status_code == 200, r.text
+    # One EVALSHA increments both windows; the headers need no GET or TTL after it.
+    assert lim.commands == ["EVALSHA"]
+    assert redis.get(second) == "1" and redis.get(minute) == "1"
+    assert 0 < redis.pttl(second) <= 1000
+    assert 58_000 < redis.pttl(minute) <= 60_000
+    assert r.headers["X-RateLimit-Limit"] == "3"
+    assert r.headers["X-RateLimit-Remaining"] == "2"
+
+    r = lim.read()
+    assert r.status_code == 200, r.text
+    assert lim.commands == ["EVALSHA", "EVALSHA"]
+    assert redis.get(minute) == "2"
+    assert 58_000 < redis.pttl(minute) <= 60_000  # set once, when the window began
+
+
+def test_breach_of_the_first_window_does_not_count_in_the_second(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = "2 per 10 seconds;100/minute"
+    lim = limited_app(limit, monkeypatch)
+    first, minute = lim.keys(limit)
+
+    statuses, remaining = [], []
+    for _ in range(4):
+        r = lim.read()
+        statuses.append(r.status_code)
+        remaining.append(r.headers["X-RateLimit-Remaining"])
+    assert statuses == [200, 200, 429, 429]
+    assert remaining == ["1", "0", "0", "0"]
+    assert r.headers["X-RateLimit-Limit"] == "2"
+    # As in flask-limiter's own loop: the rejected requests stop at the first window.
+    assert redis.get(first) == "4"
+    assert redis.get(minute) == "2"
+    assert lim.commands == ["EVALSHA"] * 4
+
+
+def test_breach_of_the_second_window(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = "10 per 10 seconds;3/minute"
+    lim = limited_app(limit, monkeypatch)
+    first, minute = lim.keys(limit)
+
+    statuses, remaining, limits = [], [], []
+    for _ in range(5):
+        r = lim.read()
+        statuses.append(r.status_code)
+        remaining.append(r.headers["X-RateLimit-Remaining"])
+        limits.append(r.headers["X-RateLimit-Limit"])
+    assert statuses == [200, 200, 200, 429, 429]
+    # The first window's headers while both pass; the breached window's after.
+    assert limits == ["10", "10", "10", "3", "3"]
+    assert remaining == ["9", "8", "7", "0", "0"]
+    assert redis.get(first) == "5" and redis.get(minute) == "5"
+    assert lim.commands == ["EVALSHA"] * 5
+
+
+def test_a_remembered_count_serves_one_increment_only(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.extensions import limiter
+
+    limit = "3/second;5/minute"
+    lim = limited_app(limit, monkeypatch)
+    second, minute = lim.keys(limit)
+    storage: Any = limiter.storage
+    items = sorted(parse_many(limit))
+    k1, k2 = (i.key_for("spool-rl", f"user:{lim.user}", "read") for i in items)
+
+    with lim.app.test_request_context():
+        assert storage.incr(k1, 1) == 1
+        assert storage.incr(k2, 60) == 1  # from the group's script
+        assert lim.commands == ["EVALSHA"]
+        assert storage.incr(k2, 60) == 2  # the same key again: a real increment
+        assert lim.commands == ["EVALSHA", "EVALSHA"]
+        assert storage.get(k2) == 2
+    assert redis.get(second) == "1" and redis.get(minute) == "2"
+
+    # Not the group's first window: that window alone.
+    with lim.app.test_request_context():
+        assert storage.incr(k2, 60) == 3
+    assert redis.get(second) == "1"
+
+    # Outside a request: one window, nothing remembered.
+    assert storage.incr(k1, 1) == 2
+    assert redis.get(minute) == "3"
+    assert storage.get(k1) == 2
+
+
+def test_an_unknown_scope_is_one_window_at_a_time(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.extensions import limiter
+
+    lim = limited_app("3/second;5/minute", monkeypatch)
+    storage: Any = limiter.storage
+    k1, k2 = (
+        i.key_for("spool-rl", f"user:{lim.user}", "other")
+        for i in sorted(parse_many("3/second;5/minute"))
+    )
+    with lim.app.test_request_context():
+        assert storage.incr(k1, 1) == 1
+        assert redis.get(storage.prefixed_key(k2)) is None
+        assert storage.incr(k2, 60) == 1
+    assert lim.commands == ["EVALSHA", "EVALSHA"]
