@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from spool import db, events, lifecycle, metrics, settings
 from spool.states import Status
@@ -29,6 +31,31 @@ class Claim:
     attempts: int
     timeout_s: int
     user_id: str
+    # What follows the job's status changes in their transaction (spool/lifecycle.py):
+    # a job with neither has nothing to write but its own row.
+    webhook: bool = False
+    batch_id: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        return not self.webhook and self.batch_id is None
+
+
+@contextmanager
+def _writing(atomic: bool) -> Iterator[Session]:
+    """A transaction when the block writes more than one statement; otherwise the
+    statement commits on its own, one round trip instead of three (psycopg2's BEGIN,
+    the statement, COMMIT)."""
+    if atomic:
+        with db.transaction() as s:
+            yield s
+        return
+    s = db.autocommit_session()
+    try:
+        yield s
+        s.commit()  # anything the ORM still holds (nothing, for a plain job): no round trip
+    finally:
+        s.close()
 
 
 # Claims, renewals and progress commit without waiting for their WAL flush (in the same
@@ -45,42 +72,57 @@ NO_WAL_WAIT = "set_config('synchronous_commit', 'off', true) AS no_wal_wait"
 CLAIM_SQL = text(
     f"""
     WITH next AS (
-        SELECT id FROM jobs
+        SELECT id, webhook IS NOT NULL AND webhook <> '' AS told FROM jobs
         WHERE queue = :queue AND status = 'queued' AND attempts < max_attempts
           AND (expires_at IS NULL OR expires_at > now())
         ORDER BY priority_rank, seq
         LIMIT 1
         FOR UPDATE SKIP LOCKED
+    ), taken AS (
+        UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = :tok,
+            lease_expires_at = now() + make_interval(secs => :lease), worker = :worker,
+            started_at = now(), updated_at = now(), progress = NULL
+        FROM next WHERE jobs.id = next.id AND (:in_tx OR NOT next.told)
+        RETURNING jobs.id, kind, model, input, attempts, timeout_s, user_id,
+            EXTRACT(EPOCH FROM now() - COALESCE(sent_at, created_at)) AS waited_s,
+            webhook, webhook_events, batch_id, {NO_WAL_WAIT}
     )
-    UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = :tok,
-        lease_expires_at = now() + make_interval(secs => :lease), worker = :worker,
-        started_at = now(), updated_at = now(), progress = NULL
-    FROM next WHERE jobs.id = next.id
-    RETURNING jobs.id, kind, model, input, attempts, timeout_s, user_id,
-        EXTRACT(EPOCH FROM now() - COALESCE(sent_at, created_at)) AS waited_s,
-        webhook, webhook_events, batch_id, {NO_WAL_WAIT}
+    SELECT next.told, taken.* FROM next LEFT JOIN taken ON true
     """
 )
 
 
 def claim(queue: str, worker: str) -> Claim | None:
-    """Take the best queued job of this queue, or None when there is none."""
+    """Take the best queued job of this queue, or None when there is none.
+
+    One statement in autocommit takes a job with no webhook. A job with one must record
+    its job.started delivery in the claim's transaction: the statement leaves it queued
+    (`told`), and the claim is made again in a transaction."""
     tok = uuid.uuid4().hex
-    with db.transaction() as s:
-        conn = s.connection()  # Core: none of the ORM's execute machinery
-        row = conn.execute(
-            CLAIM_SQL,
-            {"queue": queue, "tok": tok, "lease": settings.get().lease_s, "worker": worker},
-        ).first()
-        if row is not None:
-            lifecycle.job_started(s, row)  # job.started webhook, in this transaction
-    if row is None:
+    params = {"queue": queue, "tok": tok, "lease": settings.get().lease_s, "worker": worker}
+    with _writing(atomic=False) as s:
+        row = s.connection().execute(CLAIM_SQL, {**params, "in_tx": False}).first()
+    if row is not None and row.told:
+        with _writing(atomic=True) as s:
+            row = s.connection().execute(CLAIM_SQL, {**params, "in_tx": True}).first()
+            if row is not None and row.id is not None:
+                lifecycle.job_started(s, row)  # job.started webhook, in this transaction
+    if row is None or row.id is None:
         return None
     job_id = row.id
     events.publish_status(job_id, Status.RUNNING, {"attempt": row.attempts})
     metrics.observe_job_started(row.kind, row.model, float(row.waited_s or 0))
     return Claim(
-        job_id, tok, row.kind, row.model, row.input, row.attempts, row.timeout_s, row.user_id
+        job_id,
+        tok,
+        row.kind,
+        row.model,
+        row.input,
+        row.attempts,
+        row.timeout_s,
+        row.user_id,
+        webhook=bool(row.webhook),
+        batch_id=row.batch_id,
     )
 
 
@@ -98,9 +140,8 @@ def renew(claims: Sequence[Claim]) -> dict[str, str]:
     still ours (a job missing from it was taken back)."""
     if not claims:
         return {}
-    with db.transaction() as s:
-        conn = s.connection()
-        rows = conn.execute(
+    with _writing(atomic=False) as s:
+        rows = s.connection().execute(
             RENEW_SQL,
             {
                 "ids": [c.job_id for c in claims],
@@ -118,7 +159,7 @@ PROGRESS_SQL = text(
 
 
 def progress(c: Claim, current: int, total: int) -> None:
-    with db.transaction() as s:
+    with _writing(atomic=c.webhook) as s:  # job.progress webhook, in its transaction
         conn = s.connection()  # Core: none of the ORM's execute machinery
         row = conn.execute(
             PROGRESS_SQL,
@@ -147,7 +188,7 @@ def finish(
     """Record the outcome (and the last progress the job reported) if the job is still
     ours; False when it was taken away."""
     last = {"current": progress[0], "total": progress[1]} if progress else None
-    with db.transaction() as s:
+    with _writing(atomic=not c.plain) as s:
         conn = s.connection()  # Core: none of the ORM's execute machinery
         row = conn.execute(
             FINISH_SQL,

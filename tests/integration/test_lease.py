@@ -1,0 +1,129 @@
+"""Claim and finish on the real PostgreSQL: what each costs, and what each still writes.
+
+A job with no webhook and no batch is claimed and finished with one statement each (no
+BEGIN/COMMIT around it). A job with a webhook records its job.started delivery in the
+claim's transaction, and a batch job ends its batch in the finish's.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from spool import db, jobs, registry, users
+from workers import lease
+
+
+@pytest.fixture()
+def statements(database_url: str) -> Iterator[list[str]]:
+    """Every statement this process sends to PostgreSQL, on either engine; those in
+    autocommit (each its own transaction: no BEGIN, no COMMIT) are marked `auto:`."""
+    sent: list[str] = []
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        auto = conn.connection.dbapi_connection.autocommit  # psycopg2: no BEGIN sent
+        sent.append(("auto:" if auto else "") + " ".join(statement.split())[:60])
+
+    engines = (db.engine(), db.autocommit_engine())
+    for eng in engines:
+        event.listen(eng, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        for eng in engines:
+            event.remove(eng, "before_cursor_execute", record)
+
+
+def _user() -> str:
+    with db.transaction() as s:
+        user, _key = users.create_user(s, f"u_{uuid.uuid4().hex[:8]}")
+        return user.id
+
+
+def _queue_job(user_id: str, model: str, **req: Any) -> str:
+    row = jobs.new_row(user_id, {"kind": "echo", "model": model, "input": {"value": 1}, **req})
+    with db.transaction() as s:
+        jobs.insert_rows(s, [row])
+    return row["id"]
+
+
+def _own_queue() -> tuple[str, str]:
+    """A model name no other test uses, so this test's claims find only its own jobs."""
+    model = f"m{uuid.uuid4().hex[:8]}"
+    return model, registry.queue_name(model)
+
+
+def _status(job_id: str) -> tuple[str, int]:
+    with db.transaction() as s:
+        row = s.execute(text("SELECT status, attempts FROM jobs WHERE id = :i"), {"i": job_id})
+        status, attempts = row.one()
+        return status, attempts
+
+
+def test_plain_job_is_claimed_and_finished_in_one_statement_each(
+    statements: list[str],
+) -> None:
+    model, queue = _own_queue()
+    job_id = _queue_job(_user(), model)
+    statements.clear()
+
+    c = lease.claim(queue, "test-worker")
+    claim_statements, statements[:] = list(statements), []
+    assert c is not None and c.job_id == job_id and c.plain
+    assert _status(job_id) == ("running", 1)
+    statements.clear()
+    assert lease.finish(c, "succeeded", {"value": 1})
+    finish_statements = list(statements)
+
+    assert len(claim_statements) == 1, claim_statements
+    assert claim_statements[0].startswith("auto:WITH next AS"), claim_statements
+    assert len(finish_statements) == 1, finish_statements
+    assert finish_statements[0].startswith("auto:UPDATE jobs"), finish_statements
+    assert _status(job_id) == ("succeeded", 1)
+    assert lease.claim(queue, "test-worker") is None  # nothing left, nothing taken twice
+
+
+def test_webhook_job_records_started_in_the_claims_transaction(statements: list[str]) -> None:
+    model, queue = _own_queue()
+    hook = "http://hooks.example/spool"
+    job_id = _queue_job(_user(), model, webhook=hook, webhook_events=["started", "completed"])
+    statements.clear()
+
+    c = lease.claim(queue, "test-worker")
+    assert c is not None and c.job_id == job_id and c.webhook and not c.plain
+    with db.transaction() as s:
+        told = s.execute(
+            text("SELECT event FROM webhook_deliveries WHERE job_id = :i"), {"i": job_id}
+        ).scalars()
+        assert list(told) == ["job.started"]
+    # The first, autocommitted statement left the job queued; the claim in a transaction
+    # took it, so it ran once.
+    assert _status(job_id) == ("running", 1)
+    claims = [st for st in statements if "WITH next AS" in st]
+    assert claims[0].startswith("auto:") and not claims[1].startswith("auto:"), statements
+    assert len(claims) == 2, statements
+
+    assert lease.finish(c, "succeeded", {"value": 1})
+    with db.transaction() as s:
+        events = s.execute(
+            text("SELECT event FROM webhook_deliveries WHERE job_id = :i ORDER BY created_at"),
+            {"i": job_id},
+        ).scalars()
+        assert list(events) == ["job.started", "job.completed"]
+
+
+def test_best_job_first_even_when_it_needs_a_transaction() -> None:
+    model, queue = _own_queue()
+    user_id = _user()
+    plain = _queue_job(user_id, model, priority="low")
+    hooked = _queue_job(user_id, model, priority="high", webhook="http://hooks.example/x")
+
+    first = lease.claim(queue, "test-worker")
+    second = lease.claim(queue, "test-worker")
+    assert first is not None and second is not None
+    assert (first.job_id, second.job_id) == (hooked, plain)
+    assert first.webhook and second.plain
