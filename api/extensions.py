@@ -50,7 +50,7 @@ class CachingJWTManager(JWTManager):
     three times per verification (claims, header, then verified claims). A token seen
     and verified before is the same bytes, so its claims are the same: only its expiry
     must be checked again, here. A revoked key or deleted user is still caught on every
-    request by the user look-up, which runs after this.
+    request by the user look-up, or by the view's own query (auth.key_checked_in_query).
     """
 
     MAX_TOKENS = 10_000

@@ -14,11 +14,11 @@ from sqlalchemy import Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from api import dbsession, errors, idempotency, pagination, serialize, waiting
-from api.auth import principal
+from api.auth import claimed, key_checked_in_query, principal, verified
 from api.extensions import limiter
 from api.parsing import Blueprint
 from api.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema
-from spool import dispatch, jobs, metrics
+from spool import dispatch, jobs, metrics, users
 from spool.states import is_terminal
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,15 @@ def prefer_wait() -> float:
 
 
 def load_visible(job_id: str) -> Row:
-    """The job as its owner (or an admin) sees it, on the request's session; else 404."""
-    p = principal()
-    row = jobs.visible_row(dbsession.get(), job_id, p.user_id, p.is_admin)
+    """The job as its owner (or an admin) sees it, on the request's session; else 404.
+    In a `key_checked_in_query` view, the same query checks the token's key."""
+    token = claimed()
+    if token is not None:
+        found, row = jobs.visible_row_for_key(dbsession.get(), job_id, token.key_id)
+        verified(found)
+    else:
+        p = principal()
+        row = jobs.visible_row(dbsession.get(), job_id, p.user_id, p.is_admin)
     if row is None:
         raise errors.not_found("job")
     return row
@@ -83,27 +89,32 @@ def wait_for_end(row: Row, wait_s: float) -> Row:
     return row
 
 
-def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
-    """Record the job (idempotently), send its message, optionally wait for it."""
+def _too_many_queued(cap: int) -> errors.ApiError:
+    return errors.ApiError(
+        429,
+        f"you have {cap} queued jobs, the most allowed; wait for some to finish",
+        "too_many_queued",
+        headers={"Retry-After": "10"},
+    )
+
+
+def _create_idempotently(
+    req: dict[str, Any], key: str | None, cap: int
+) -> tuple[dict[str, Any], dict[str, Any], Row] | str:
+    """The job's body, its row and its view; or the id of the job the Idempotency-Key
+    already made."""
     p = principal()
-    key = request.headers.get("Idempotency-Key")
     if key is not None:
         existing = idempotency.claim(
             p.user_id, key, idempotency.request_hash(request.path, request.get_data()), "job"
         )
         if existing:
-            return job_response(existing), 202, {"Location": f"/v1/jobs/{existing}"}
+            return existing
     try:
-        cap = current_app.config["SPOOL"].max_queued_per_user
         # Without an Idempotency-Key the INSERT is the only write: it commits on its own.
         with dbsession.transaction(atomic=key is not None) as s:
             if jobs.queued_count(s, p.user_id) >= cap:
-                raise errors.ApiError(
-                    429,
-                    f"you have {cap} queued jobs, the most allowed; wait for some to finish",
-                    "too_many_queued",
-                    headers={"Retry-After": "10"},
-                )
+                raise _too_many_queued(cap)
             row = jobs.new_row(p.user_id, req)
             job = jobs.insert_one(s, row)
             if key is not None:
@@ -115,6 +126,31 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
         if key is not None:
             idempotency.release(p.user_id, key)
         raise
+    return body, row, job
+
+
+def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Record the job (idempotently), send its message, optionally wait for it."""
+    cap = current_app.config["SPOOL"].max_queued_per_user
+    key = request.headers.get("Idempotency-Key")
+    token = claimed() if key is None else None
+    if token is not None:
+        # The common submit: one INSERT that also checks the token's key and the cap,
+        # and commits on its own.
+        row = jobs.new_row(token.user_id, req)
+        job = jobs.insert_checked(dbsession.get(), row, token.key_id, cap)
+        if job is None:
+            verified(users.principal_for_key(dbsession.get(), token.key_id))  # 401 if revoked
+            raise _too_many_queued(cap)
+        # The INSERT found the key valid for this user; the rest of the request needs
+        # only the user's id (the job is theirs, whatever their name or role).
+        verified(users.Principal(token.user_id, "", False, token.key_id))
+        body = serialize.job(job, job.queue_position)
+    else:
+        made = _create_idempotently(req, key, cap)
+        if isinstance(made, str):
+            return job_response(made), 202, {"Location": f"/v1/jobs/{made}"}
+        body, row, job = made
     dispatch.send(jobs.messages([row]))
     metrics.JOBS_SUBMITTED.labels(row["kind"], row["model"]).inc()
     headers = {"Location": f"/v1/jobs/{row['id']}"}
@@ -137,6 +173,7 @@ class Jobs(MethodView):
     @blp.arguments(JobCreateSchema)
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="finished within `Prefer: wait=N`")
+    @key_checked_in_query
     def post(self, req: dict[str, Any]):
         """Submit a job."""
         return serialize.json_response(*create(req))
@@ -160,6 +197,7 @@ class JobById(MethodView):
 
     @read_limited
     @blp.response(200, JobSchema)
+    @key_checked_in_query
     def get(self, job_id: str):
         """Get a job."""
         return serialize.json_response(job_response(job_id))

@@ -12,6 +12,7 @@ from flask import Response, stream_with_context
 from flask_jwt_extended import jwt_required
 
 from api import dbsession, errors, serialize
+from api.auth import key_checked_in_query
 from api.jobs import blp as jobs_blp
 from api.jobs import load_visible, read_limited, wait_for_end
 from api.parsing import Blueprint
@@ -49,6 +50,7 @@ def result_response(job_id: str, wait_s: float) -> Response:
 @blp.response(200, ResultSchema)
 @blp.alt_response(202, schema=ResultSchema, description="queued or running")
 @blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")
+@key_checked_in_query
 def result(q: dict[str, Any], job_id: str):
     """The job's result: 202 while running, 200 when done, 409 if it failed (`?wait=N`)."""
     return result_response(job_id, q["wait"])
@@ -61,6 +63,7 @@ def result(q: dict[str, Any], job_id: str):
 @jobs_blp.response(200, ResultSchema)
 @jobs_blp.alt_response(202, schema=ResultSchema, description="queued or running")
 @jobs_blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")
+@key_checked_in_query
 def job_result(q: dict[str, Any], job_id: str):
     """The job's result (same as /result/<id>)."""
     return result_response(job_id, q["wait"])

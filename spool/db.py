@@ -6,14 +6,16 @@ own engine (workers dispose the one inherited across fork).
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, exc, text
+from sqlalchemy import Engine, Executable, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from spool import settings
@@ -50,6 +52,8 @@ def make_engine(
         future=True,
         **kw,
     )
+    if s.db_prepare:
+        event.listen(eng, "before_cursor_execute", _use_prepared, retval=True)
     event.listen(eng, "checkout", _ping_if_idle)
     event.listen(eng, "checkin", _mark_used)
     event.listen(eng, "connect", _mark_used)  # a new connection needs no test
@@ -77,6 +81,57 @@ def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         # The pool replaces the connection and tries again (SQLAlchemy's documented
         # pessimistic-disconnect recipe).
         raise exc.DisconnectionError(str(err)) from err
+
+
+# --- statements PostgreSQL parses and plans once per connection ------------------------
+#
+# psycopg2 sends each statement as text, which PostgreSQL parses and plans every time.
+# For the statements every job runs (the API's submit and read, the worker's claim and
+# finish) that was most of their server time: a job read took ~500 µs, ~180 µs once
+# prepared (bench numbers in BENCHMARKS.md). A statement marked with `prepared()` is
+# sent as PREPARE the first time a connection runs it, and as EXECUTE after. Prepared
+# statements outlive a rolled-back transaction and die with their connection, as the
+# pool record's `info` does.
+
+PREPARE_OPTION = "spool_prepare"
+_PARAM = re.compile(r"%\((\w+)\)s")
+E = TypeVar("E", bound=Executable)
+
+
+def prepared(stmt: E, name: str) -> E:
+    """`stmt`, run as a prepared statement called `name` (plus a hash of its SQL)."""
+    return stmt.execution_options(**{PREPARE_OPTION: name})
+
+
+@lru_cache(maxsize=256)
+def _as_prepared(name: str, statement: str) -> tuple[str, str, str]:
+    """(statement name, its PREPARE, its EXECUTE with psycopg2 placeholders)."""
+    names: list[str] = []
+
+    def number(m: re.Match[str]) -> str:
+        if m.group(1) not in names:
+            names.append(m.group(1))
+        return f"${names.index(m.group(1)) + 1}"
+
+    # PREPARE is sent without parameters, so psycopg2 leaves `%%` as it is.
+    body = _PARAM.sub(number, statement).replace("%%", "%")
+    ident = f"spool_{name}_{hashlib.sha1(statement.encode()).hexdigest()[:10]}"
+    args = ", ".join(f"%({n})s" for n in names)
+    return ident, f"PREPARE {ident} AS {body}", f"EXECUTE {ident}" + (f" ({args})" if args else "")
+
+
+def _use_prepared(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    name = context.execution_options.get(PREPARE_OPTION) if context is not None else None
+    if name is None or executemany or not isinstance(parameters, dict):
+        return statement, parameters
+    ident, prepare, execute = _as_prepared(name, statement)
+    done: set[str] = conn.connection.info.setdefault("spool_prepared", set())
+    if ident not in done:
+        cursor.execute(prepare)
+        done.add(ident)
+    return execute, parameters
 
 
 @lru_cache(maxsize=1)

@@ -9,16 +9,32 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, cast
 
 import redis
-from sqlalchemy import Row, Table, bindparam, func, insert, literal_column, select, text
+from sqlalchemy import (
+    Row,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy import (
+    cast as sql_cast,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import Label
 
-from spool import bulk, dispatch, events, redisconn, registry, serialize, settings
+from spool import bulk, db, dispatch, events, redisconn, registry, serialize, settings, users
 from spool.ids import new_id
-from spool.models import Job
+from spool.models import Job, User
 from spool.states import PRIORITIES, RETRYABLE, Status
 
 CANCEL_KEY = "spool:cancel:{}"
@@ -142,9 +158,53 @@ def insert_one(session: Session, row: dict[str, Any]) -> Row:
     return session.connection().execute(_INSERT_ONE, row).one()
 
 
+@lru_cache(maxsize=4)
+def _insert_checked(columns: tuple[str, ...]) -> Any:
+    # INSERT … SELECT, so that a WHERE can refuse the row. Each value is cast to its
+    # column's type: PostgreSQL would read an untyped JSON or text literal as text.
+    values = select(
+        *[sql_cast(bindparam(c, type_=JOBS.c[c].type), JOBS.c[c].type) for c in columns]
+    ).where(
+        exists(users.PRINCIPAL.where(User.id == bindparam("user_id"))),
+        _QUEUED_OF_USER.scalar_subquery() < bindparam("max_queued"),
+    )
+    stmt = insert(JOBS).from_select(list(columns), values)
+    return db.prepared(stmt.returning(*VIEW_COLUMNS, QUEUE_POSITION), "job_insert")
+
+
+def insert_checked(
+    session: Session, row: dict[str, Any], key_id: str, max_queued: int
+) -> Row | None:
+    """`insert_one` in the same round trip as two checks: the token's key `key_id` is
+    still valid for the row's user, and the user has fewer than `max_queued` queued jobs.
+    None when either fails (the caller tells which, off the hot path)."""
+    stmt = _insert_checked(tuple(row))
+    params = {**row, "key_id": key_id, "max_queued": max_queued}
+    return session.connection().execute(stmt, params).first()
+
+
 # Built once: SQLAlchemy then only looks the compiled form up in its cache.
-_BY_ID = view_select(JOBS.c.id == bindparam("job_id"))
-_BY_ID_OF_USER = _BY_ID.where(JOBS.c.user_id == bindparam("user_id"))
+_BY_ID = db.prepared(view_select(JOBS.c.id == bindparam("job_id")), "job")
+_BY_ID_OF_USER = db.prepared(_BY_ID.where(JOBS.c.user_id == bindparam("user_id")), "job_of_user")
+
+# The token's principal, and the job if that principal may see it: one round trip for
+# what would be the user look-up and the read.
+_P = users.PRINCIPAL.subquery("p")
+_BY_ID_FOR_KEY = db.prepared(
+    select(
+        _P.c.id.label("p_user_id"),
+        _P.c.name.label("p_name"),
+        _P.c.is_admin.label("p_is_admin"),
+        *VIEW_COLUMNS,
+        QUEUE_POSITION,
+    ).select_from(
+        _P.outerjoin(
+            JOBS,
+            and_(JOBS.c.id == bindparam("job_id"), or_(JOBS.c.user_id == _P.c.id, _P.c.is_admin)),
+        )
+    ),
+    "job_for_key",
+)
 
 
 def view_row(session: Session, job_id: str) -> Row | None:
@@ -161,6 +221,18 @@ def visible_row(session: Session, job_id: str, user_id: str, is_admin: bool = Fa
         return view_row(session, job_id)
     params = {"job_id": job_id, "user_id": user_id}
     return session.connection().execute(_BY_ID_OF_USER, params).first()
+
+
+def visible_row_for_key(
+    session: Session, job_id: str, key_id: str
+) -> tuple[users.Principal | None, Row | None]:
+    """The principal of the token's key `key_id` (None: revoked key or deleted user) and
+    `visible_row` for that principal, in one round trip."""
+    row = session.connection().execute(_BY_ID_FOR_KEY, {"job_id": job_id, "key_id": key_id}).first()
+    if row is None:
+        return None, None
+    p = users.Principal(row.p_user_id, row.p_name, row.p_is_admin, key_id)
+    return p, (row if row.id is not None else None)
 
 
 def visible(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Job | None:

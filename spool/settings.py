@@ -82,6 +82,9 @@ class Settings:
     broker_visibility_timeout_s: int = 300
     metrics_port: int = 9750
     db_pool_size: int = 5
+    # Hot statements as PREPARE/EXECUTE, once per connection (spool/db.py). Off behind a
+    # transaction-pooling proxy (PgBouncer), where a session's statements do not follow it.
+    db_prepare: bool = True
     db_max_overflow: int = 5
 
     @property
@@ -157,6 +160,7 @@ def from_env() -> Settings:
         broker_visibility_timeout_s=_int("SPOOL_BROKER_VISIBILITY_TIMEOUT_S", 300),
         metrics_port=_int("SPOOL_METRICS_PORT", 9750),
         db_pool_size=_int("SPOOL_DB_POOL_SIZE", 5),
+        db_prepare=parse_bool(os.environ.get("SPOOL_DB_PREPARE"), True),
         db_max_overflow=_int("SPOOL_DB_MAX_OVERFLOW", 5),
     ).validate()
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from spool import security
+from spool import db, security
 from spool.ids import new_id
 from spool.models import ApiKey, User
 
@@ -104,12 +104,15 @@ def authenticate(session: Session, api_key: str) -> Principal | None:
 
 
 # Built once (it runs on every authenticated request): executing it only looks up
-# the compiled form in SQLAlchemy's cache.
-_PRINCIPAL = (
+# the compiled form in SQLAlchemy's cache. The hot job queries (spool/jobs.py) join it
+# as a subquery, so they check the token's key in their own round trip.
+PRINCIPAL = (
     select(User.id, User.name, User.is_admin)
     .join(ApiKey, ApiKey.user_id == User.id)
     .where(ApiKey.id == bindparam("key_id"), ApiKey.revoked_at.is_(None), User.deleted_at.is_(None))
 )
+
+_PRINCIPAL = db.prepared(PRINCIPAL, "principal")
 
 
 def principal_for_key(session: Session, key_id: str) -> Principal | None:

@@ -69,8 +69,9 @@ NO_WAL_WAIT = "set_config('synchronous_commit', 'off', true) AS no_wal_wait"
 # best queued job (priority, then submit order) with SKIP LOCKED, so priorities hold
 # exactly even for messages a busy worker had already reserved, and a duplicate or
 # stale message finds nothing to take.
-CLAIM_SQL = text(
-    f"""
+CLAIM_SQL = db.prepared(
+    text(
+        f"""
     WITH next AS (
         SELECT id, webhook IS NOT NULL AND webhook <> '' AS told FROM jobs
         WHERE queue = :queue AND status = 'queued' AND attempts < max_attempts
@@ -89,6 +90,8 @@ CLAIM_SQL = text(
     )
     SELECT next.told, taken.* FROM next LEFT JOIN taken ON true
     """
+    ),
+    "claim",
 )
 
 
@@ -126,12 +129,15 @@ def claim(queue: str, worker: str) -> Claim | None:
     )
 
 
-RENEW_SQL = text(
-    "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease) "
-    "FROM unnest(CAST(:ids AS text[]), CAST(:toks AS text[])) AS mine(id, tok) "
-    "WHERE jobs.id = mine.id AND jobs.lease_token = mine.tok "
-    "AND jobs.status IN ('running', 'canceling') "
-    f"RETURNING jobs.id, jobs.status, {NO_WAL_WAIT}"
+RENEW_SQL = db.prepared(
+    text(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease) "
+        "FROM unnest(CAST(:ids AS text[]), CAST(:toks AS text[])) AS mine(id, tok) "
+        "WHERE jobs.id = mine.id AND jobs.lease_token = mine.tok "
+        "AND jobs.status IN ('running', 'canceling') "
+        f"RETURNING jobs.id, jobs.status, {NO_WAL_WAIT}"
+    ),
+    "renew",
 )
 
 
@@ -152,9 +158,12 @@ def renew(claims: Sequence[Claim]) -> dict[str, str]:
         return {r.id: r.status for r in rows}
 
 
-PROGRESS_SQL = text(
-    "UPDATE jobs SET progress = CAST(:p AS jsonb) WHERE id = :id AND lease_token = :tok "
-    f"RETURNING {lifecycle.RETURNING}, {NO_WAL_WAIT}"
+PROGRESS_SQL = db.prepared(
+    text(
+        "UPDATE jobs SET progress = CAST(:p AS jsonb) WHERE id = :id AND lease_token = :tok "
+        f"RETURNING {lifecycle.RETURNING}, {NO_WAL_WAIT}"
+    ),
+    "progress",
 )
 
 
@@ -169,12 +178,15 @@ def progress(c: Claim, current: int, total: int) -> None:
             lifecycle.job_progress(s, row)
 
 
-FINISH_SQL = text(
-    "UPDATE jobs SET status = :status, output = CAST(:output AS jsonb), "
-    "error = CAST(:error AS jsonb), finished_at = now(), updated_at = now(), "
-    "lease_expires_at = NULL, progress = COALESCE(CAST(:progress AS jsonb), progress) "
-    "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
-    f"RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s, {lifecycle.RETURNING}"
+FINISH_SQL = db.prepared(
+    text(
+        "UPDATE jobs SET status = :status, output = CAST(:output AS jsonb), "
+        "error = CAST(:error AS jsonb), finished_at = now(), updated_at = now(), "
+        "lease_expires_at = NULL, progress = COALESCE(CAST(:progress AS jsonb), progress) "
+        "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
+        f"RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s, {lifecycle.RETURNING}"
+    ),
+    "finish",
 )
 
 

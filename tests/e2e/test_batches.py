@@ -174,6 +174,24 @@ def test_the_queued_cap_refuses_a_batch_that_would_pass_it(
     assert api.post(f"/v1/batches/{created.json()['id']}/cancel").status_code == 202
 
 
+def test_the_queued_cap_refuses_a_single_job_past_it(
+    hooks_platform: support.IsolatedPlatform, strict_api_url: str
+) -> None:
+    api = support.Api(strict_api_url, new_user(hooks_platform))  # at most 50 queued
+    llm = {"kind": "text.generate", "model": "tiny-llm", "input": {"prompt": "hi"}}
+    created = api.post("/v1/batches", json={"jobs": [llm] * 49})
+    assert created.status_code == 202, created.text
+    last = api.post("/v1/jobs", json=llm)  # the 50th: the INSERT's own check lets it in
+    assert last.status_code == 202, last.text
+    r = api.post("/v1/jobs", json=llm)
+    assert r.status_code == 429 and error(r)["code"] == "too_many_queued"
+    assert "Retry-After" in r.headers
+    assert len(api.get("/v1/jobs?limit=100").json()["data"]) == 50  # nothing more recorded
+    assert api.post(f"/v1/jobs/{last.json()['id']}/cancel").status_code == 202
+    assert api.post("/v1/jobs", json=llm).status_code == 202  # room again
+    assert api.post(f"/v1/batches/{created.json()['id']}/cancel").status_code == 202
+
+
 def test_batch_completed_webhook(hooks_api: support.Api, receiver: Receiver) -> None:
     body = {"jobs": [echo(i) for i in range(20)], "webhook": receiver.url("/batch")}
     created = hooks_api.post("/v1/batches", json=body).json()

@@ -18,6 +18,7 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
+from spool.models import Job, User
 from spool.settings import DEV_SECRET
 from tests import support
 
@@ -155,16 +156,37 @@ def test_token_of_a_revoked_key_is_401(platform: support.Platform) -> None:
 
     name, key = new_user()
     token = token_for(platform, key)
-    assert requests.get(platform.url + "/v1/jobs", headers=bearer(token), timeout=10).ok
+    job = requests.post(
+        platform.url + "/v1/jobs", json={**ECHO, "input": {}}, headers=bearer(token), timeout=10
+    )
+    assert job.status_code == 202
     with db.transaction() as s:
         assert users.revoke(s, name) == 1
-    err(
-        requests.get(platform.url + "/v1/jobs", headers=bearer(token), timeout=10),
-        401,
-        "token_revoked",
-    )
+    # The hot views check the key in their own query; the others look it up first.
+    for method, path in hot_paths(job.json()["id"]) + [("GET", "/v1/jobs")]:
+        r = requests.request(
+            method, platform.url + path, json=HOT_BODY, headers=bearer(token), timeout=10
+        )
+        err(r, 401, "token_revoked")
     r = requests.post(platform.url + "/v1/auth/token", json={"api_key": key}, timeout=10)
     err(r, 401)
+    with db.transaction() as s:  # the refused submit recorded nothing
+        mine = select(func.count(Job.id)).join(User, User.id == Job.user_id)
+        assert s.scalar(mine.where(User.name == name)) == 1
+
+
+HOT_BODY = {**ECHO, "input": {}}  # the POST's body (the GETs ignore it)
+
+
+def hot_paths(job_id: str) -> list[tuple[str, str]]:
+    """The views that check the token's key in their own query (api.auth)."""
+    return [
+        ("POST", "/v1/jobs"),
+        ("GET", f"/v1/jobs/{job_id}"),
+        ("GET", f"/result/{job_id}"),
+        ("GET", f"/result/{job_id}?wait=1"),
+        ("GET", f"/v1/jobs/{job_id}/result"),
+    ]
 
 
 def test_token_of_a_deleted_user_is_401(platform: support.Platform) -> None:
@@ -178,12 +200,11 @@ def test_token_of_a_deleted_user_is_401(platform: support.Platform) -> None:
     assert job.status_code == 202
     with db.transaction() as s:
         users.delete(s, name)
-    for method, path in (
-        ("GET", "/v1/jobs"),
-        ("GET", f"/v1/jobs/{job.json()['id']}"),
-        ("POST", f"/v1/jobs/{job.json()['id']}/cancel"),
-    ):
-        r = requests.request(method, platform.url + path, headers=bearer(token), timeout=10)
+    paths = [("GET", "/v1/jobs"), ("POST", f"/v1/jobs/{job.json()['id']}/cancel")]
+    for method, path in paths + hot_paths(job.json()["id"]):
+        r = requests.request(
+            method, platform.url + path, json=HOT_BODY, headers=bearer(token), timeout=10
+        )
         err(r, 401, "token_revoked")
     r = requests.post(platform.url + "/v1/auth/token", json={"api_key": key}, timeout=10)
     err(r, 401)

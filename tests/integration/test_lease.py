@@ -21,7 +21,8 @@ from workers import lease
 @pytest.fixture()
 def statements(database_url: str) -> Iterator[list[str]]:
     """Every statement this process sends to PostgreSQL, on either engine; those in
-    autocommit (each its own transaction: no BEGIN, no COMMIT) are marked `auto:`."""
+    autocommit (each its own transaction: no BEGIN, no COMMIT) are marked `auto:`. The
+    hot ones are prepared statements (spool.db.prepared): `EXECUTE spool_<name>_…`."""
     sent: list[str] = []
 
     def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
@@ -80,9 +81,9 @@ def test_plain_job_is_claimed_and_finished_in_one_statement_each(
     finish_statements = list(statements)
 
     assert len(claim_statements) == 1, claim_statements
-    assert claim_statements[0].startswith("auto:WITH next AS"), claim_statements
+    assert claim_statements[0].startswith("auto:EXECUTE spool_claim_"), claim_statements
     assert len(finish_statements) == 1, finish_statements
-    assert finish_statements[0].startswith("auto:UPDATE jobs"), finish_statements
+    assert finish_statements[0].startswith("auto:EXECUTE spool_finish_"), finish_statements
     assert _status(job_id) == ("succeeded", 1)
     assert lease.claim(queue, "test-worker") is None  # nothing left, nothing taken twice
 
@@ -103,7 +104,7 @@ def test_webhook_job_records_started_in_the_claims_transaction(statements: list[
     # The first, autocommitted statement left the job queued; the claim in a transaction
     # took it, so it ran once.
     assert _status(job_id) == ("running", 1)
-    claims = [st for st in statements if "WITH next AS" in st]
+    claims = [st for st in statements if "EXECUTE spool_claim_" in st]
     assert claims[0].startswith("auto:") and not claims[1].startswith("auto:"), statements
     assert len(claims) == 2, statements
 
