@@ -168,6 +168,24 @@ def api(port: int | None, host: str | None, n_workers: int | None) -> None:
 HOUSEKEEPING_CONCURRENCY = 32
 
 
+# Threads of a worker process besides its job slots that use the database (heartbeat,
+# event courier, liveness, model warm-up).
+WORKER_SIDE_THREADS = 4
+
+
+def _pools_for(slots: int) -> None:
+    """Pools that hold a connection for every thread at once (a batch's jobs finish
+    together): smaller ones would open and close connections under load, or make a
+    finishing job wait for one."""
+    from spool import db as dbm
+
+    want = slots + WORKER_SIDE_THREADS
+    if settings.get().db_pool_size < want:
+        os.environ["SPOOL_DB_POOL_SIZE"] = str(want)
+        settings.get.cache_clear()
+        dbm.clear_caches()  # the schema check's engine had the smaller pool
+
+
 @cli.command()
 @click.option(
     "--models",
@@ -215,6 +233,8 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     largest = max((spec.max_batch_size for n in names if (spec := registry.get(n))), default=1)
     auto = max(4, 2 * largest) if names else HOUSEKEEPING_CONCURRENCY
     conc = concurrency or settings.get().worker_concurrency or auto
+    if names:  # a housekeeping worker's slots wait on webhook receivers, not the database
+        _pools_for(conc)
     app.worker_main(
         [
             "worker",

@@ -81,11 +81,14 @@ class Settings:
     torch_threads: int = 0
     broker_visibility_timeout_s: int = 300
     metrics_port: int = 9750
-    db_pool_size: int = 5
+    # Connections a pool keeps open. Overflow connections are closed as soon as they are
+    # returned, so under load they are opened and closed again and again (a PostgreSQL
+    # backend start costs milliseconds of CPU): the default keeps them all.
+    db_pool_size: int = 10
     # Hot statements as PREPARE/EXECUTE, once per connection (spool/db.py). Off behind a
     # transaction-pooling proxy (PgBouncer), where a session's statements do not follow it.
     db_prepare: bool = True
-    db_max_overflow: int = 5
+    db_max_overflow: int = 0
 
     @property
     def production(self) -> bool:
@@ -159,9 +162,9 @@ def from_env() -> Settings:
         torch_threads=_int("SPOOL_TORCH_THREADS", 0),
         broker_visibility_timeout_s=_int("SPOOL_BROKER_VISIBILITY_TIMEOUT_S", 300),
         metrics_port=_int("SPOOL_METRICS_PORT", 9750),
-        db_pool_size=_int("SPOOL_DB_POOL_SIZE", 5),
+        db_pool_size=_int("SPOOL_DB_POOL_SIZE", 10),
         db_prepare=parse_bool(os.environ.get("SPOOL_DB_PREPARE"), True),
-        db_max_overflow=_int("SPOOL_DB_MAX_OVERFLOW", 5),
+        db_max_overflow=_int("SPOOL_DB_MAX_OVERFLOW", 0),
     ).validate()
 
 
