@@ -6,8 +6,10 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from tests import support
 
@@ -73,3 +75,26 @@ def api(platform: support.Platform, user_key: str) -> support.Api:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("SPOOL_VAR_DIR", str(Path(__file__).parent.parent / "var" / "test"))
+
+
+@pytest.fixture()
+def statements(database_url: str) -> Iterator[list[str]]:
+    """Every statement this process sends to PostgreSQL, on either engine; those in
+    autocommit (each its own transaction: no BEGIN, no COMMIT) are marked `auto:`. The
+    hot ones are prepared statements (spool.db.prepared): `EXECUTE spool_<name>_…`."""
+    sent: list[str] = []
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        auto = conn.connection.dbapi_connection.autocommit  # psycopg2: no BEGIN sent
+        sent.append(("auto:" if auto else "") + " ".join(statement.split())[:60])
+
+    from spool import db
+
+    engines = (db.engine(), db.autocommit_engine())
+    for eng in engines:
+        event.listen(eng, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        for eng in engines:
+            event.remove(eng, "before_cursor_execute", record)

@@ -5,11 +5,9 @@ each is a prepared statement (spool.db.prepared).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from tests import support
 
@@ -21,23 +19,6 @@ def client(database_url: str) -> Any:
     from api import create_app
 
     return create_app().test_client()
-
-
-@pytest.fixture()
-def statements(database_url: str) -> Iterator[list[str]]:
-    from spool import db
-
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(" ".join(statement.split())[:50])
-
-    engines = (db.engine(), db.autocommit_engine())
-    for eng in engines:
-        event.listen(eng, "before_cursor_execute", record)
-    yield sent
-    for eng in engines:
-        event.remove(eng, "before_cursor_execute", record)
 
 
 def _auth(client: Any) -> dict[str, str]:
@@ -54,14 +35,14 @@ def test_submit_and_read_are_one_statement_each(client: Any, statements: list[st
     r = client.post("/v1/jobs", json={**ECHO, "input": {"value": 1}}, headers=auth)
     assert r.status_code == 202, r.data
     assert len(statements) == 1, statements
-    assert statements[0].startswith("EXECUTE spool_job_insert_"), statements
+    assert statements[0].startswith("auto:EXECUTE spool_job_insert_"), statements
     statements.clear()
 
     job_id = r.get_json()["id"]
     for path in (f"/v1/jobs/{job_id}", f"/result/{job_id}", f"/v1/jobs/{job_id}/result"):
         assert client.get(path, headers=auth).status_code in (200, 202)
         assert len(statements) == 1, statements
-        assert statements[0].startswith("EXECUTE spool_job_for_key_"), statements
+        assert statements[0].startswith("auto:EXECUTE spool_job_for_key_"), statements
         statements.clear()
 
     # Another user's job: one statement too, and a 404 (not a 401: the key is valid).
@@ -75,5 +56,5 @@ def test_the_other_views_look_the_principal_up_first(client: Any, statements: li
     auth = _auth(client)
     statements.clear()
     assert client.get("/v1/jobs", headers=auth).status_code == 200
-    assert statements[0].startswith("EXECUTE spool_principal_"), statements  # then the page
+    assert statements[0].startswith("auto:EXECUTE spool_principal_"), statements  # then the page
     assert len(statements) == 2, statements

@@ -8,35 +8,12 @@ claim's transaction, and a batch job ends its batch in the finish's.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from spool import db, jobs, registry, users
 from workers import lease
-
-
-@pytest.fixture()
-def statements(database_url: str) -> Iterator[list[str]]:
-    """Every statement this process sends to PostgreSQL, on either engine; those in
-    autocommit (each its own transaction: no BEGIN, no COMMIT) are marked `auto:`. The
-    hot ones are prepared statements (spool.db.prepared): `EXECUTE spool_<name>_…`."""
-    sent: list[str] = []
-
-    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        auto = conn.connection.dbapi_connection.autocommit  # psycopg2: no BEGIN sent
-        sent.append(("auto:" if auto else "") + " ".join(statement.split())[:60])
-
-    engines = (db.engine(), db.autocommit_engine())
-    for eng in engines:
-        event.listen(eng, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        for eng in engines:
-            event.remove(eng, "before_cursor_execute", record)
 
 
 def _user() -> str:
