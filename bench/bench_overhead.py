@@ -48,6 +48,7 @@ from bench.common import (
     header,
     login,
     pct,
+    postgres_sessions,
     table,
 )
 
@@ -71,6 +72,7 @@ class Throughput:
     errors: int
     latency: Latencies
     cpu: dict[str, float] = field(default_factory=dict)
+    new_db_sessions: int | None = None  # connections the pools opened during the run
 
 
 # --- Spool ---------------------------------------------------------------------------
@@ -423,9 +425,11 @@ def main(argv: list[str] | None = None) -> int:
             if n_workers == 2:
                 plat.add_worker()
                 bare.add_worker()
+            sessions = postgres_sessions(plat.database_url)
             spool_tp[n_workers] = asyncio.run(
                 spool_throughput(plat.url, token, args.clients, args.seconds, CpuMeter(plat.pids))
             )
+            spool_tp[n_workers].new_db_sessions = postgres_sessions(plat.database_url) - sessions
             bare_tp[n_workers] = bare.throughput(
                 args.clients, args.seconds, CpuMeter(lambda: {**bare.pids(), "redis": redis_pid})
             )
@@ -478,6 +482,13 @@ def main(argv: list[str] | None = None) -> int:
             ["", "jobs/s", "p50 ms", "p99 ms", "errors"],
             tp_rows,
         )
+    )
+
+    opened = " / ".join(str(spool_tp[n].new_db_sessions) for n in (1, 2))
+    console.print(
+        f"PostgreSQL connections Spool's pools opened during the 1 / 2 worker runs: {opened} "
+        "(the pools filling up to the load; pools that open and close connections under load "
+        "show hundreds here, each a backend start)"
     )
 
     console.print(

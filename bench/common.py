@@ -197,6 +197,22 @@ def family(pid: int) -> list[int]:
         return []
 
 
+def postgres_sessions(database_url: str) -> int:
+    """Sessions this database has had since its server started (PostgreSQL 14+): the
+    difference over a run is how many connections the pools opened during it."""
+    from spool.db import normalize_url
+
+    eng = create_engine(normalize_url(database_url), poolclass=NullPool)
+    try:
+        with eng.connect() as conn:
+            got = conn.execute(
+                text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+            ).scalar()
+            return int(got or 0) - 1  # not counting this one
+    finally:
+        eng.dispose()
+
+
 def postgres_backends(database_url: str) -> list[int]:
     """The server processes serving connections to this database (the pools keep them)."""
     from spool.db import normalize_url
