@@ -16,7 +16,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 
@@ -148,18 +149,27 @@ def _poll_cancel(watched: list[RunContext]) -> None:
             ctx.cancel_event.set()
 
 
-_courier: Courier | None = None
-_courier_pid = 0
-_courier_lock = threading.Lock()
+T = TypeVar("T")
 
 
-def courier() -> Courier:
-    """This process's courier (a forked child builds its own: threads do not survive fork)."""
-    global _courier, _courier_pid
-    with _courier_lock:
-        if _courier is None or _courier_pid != os.getpid():
-            _courier, _courier_pid = Courier(), os.getpid()
-        return _courier
+class _PerProcess(Generic[T]):
+    """One `make()` per process: a forked child builds its own (threads do not survive
+    fork, and the courier and heartbeat each own one)."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
+        self._obj: T | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._obj is None or self._pid != os.getpid():
+                self._obj, self._pid = self._make(), os.getpid()
+            return self._obj
+
+
+courier = _PerProcess(Courier)
 
 
 class RunContext:
@@ -289,15 +299,5 @@ class Heartbeat:
         self.remove(ctx)
 
 
-_heartbeat: Heartbeat | None = None
-_heartbeat_pid = 0
-
-
-def heartbeat() -> Heartbeat:
-    """This process's heartbeat (a forked child builds its own, as for the courier)."""
-    global _heartbeat, _heartbeat_pid
-    with _courier_lock:
-        if _heartbeat is None or _heartbeat_pid != os.getpid():
-            _heartbeat = Heartbeat(settings.get().heartbeat_interval)
-            _heartbeat_pid = os.getpid()
-        return _heartbeat
+# This process's heartbeat.
+heartbeat = _PerProcess(lambda: Heartbeat(settings.get().heartbeat_interval))
