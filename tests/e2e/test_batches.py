@@ -17,6 +17,9 @@ from tests.e2e.conftest import new_user
 from tests.webhook_receiver import Receiver
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
+# A job that cannot start here (the hooks platform's worker serves no tiny-llm): it stays
+# queued, for the queued-cap tests.
+QUEUED_LLM = {"kind": "text.generate", "model": "tiny-llm", "input": {"prompt": "hi"}}
 
 
 def echo(i: int, **extra) -> dict:
@@ -161,15 +164,13 @@ def test_the_queued_cap_refuses_a_batch_that_would_pass_it(
     hooks_platform: support.IsolatedPlatform, strict_api_url: str
 ) -> None:
     api = support.Api(strict_api_url, new_user(hooks_platform))  # at most 50 queued
-    # Jobs that cannot start yet (no worker serves tiny-llm here), so they stay queued.
-    llm = {"kind": "text.generate", "model": "tiny-llm", "input": {"prompt": "hi"}}
-    r = api.post("/v1/batches", json={"jobs": [llm] * 51})
+    r = api.post("/v1/batches", json={"jobs": [QUEUED_LLM] * 51})
     assert r.status_code == 429 and error(r)["code"] == "too_many_queued"
     assert "Retry-After" in r.headers
     assert api.get("/v1/jobs").json()["data"] == []  # nothing was recorded
-    created = api.post("/v1/batches", json={"jobs": [llm] * 50})
+    created = api.post("/v1/batches", json={"jobs": [QUEUED_LLM] * 50})
     assert created.status_code == 202, created.text
-    r = api.post("/v1/batches", json={"jobs": [llm]})
+    r = api.post("/v1/batches", json={"jobs": [QUEUED_LLM]})
     assert r.status_code == 429
     assert api.post(f"/v1/batches/{created.json()['id']}/cancel").status_code == 202
 
@@ -178,17 +179,16 @@ def test_the_queued_cap_refuses_a_single_job_past_it(
     hooks_platform: support.IsolatedPlatform, strict_api_url: str
 ) -> None:
     api = support.Api(strict_api_url, new_user(hooks_platform))  # at most 50 queued
-    llm = {"kind": "text.generate", "model": "tiny-llm", "input": {"prompt": "hi"}}
-    created = api.post("/v1/batches", json={"jobs": [llm] * 49})
+    created = api.post("/v1/batches", json={"jobs": [QUEUED_LLM] * 49})
     assert created.status_code == 202, created.text
-    last = api.post("/v1/jobs", json=llm)  # the 50th: the INSERT's own check lets it in
+    last = api.post("/v1/jobs", json=QUEUED_LLM)  # the 50th: the INSERT's own check lets it in
     assert last.status_code == 202, last.text
-    r = api.post("/v1/jobs", json=llm)
+    r = api.post("/v1/jobs", json=QUEUED_LLM)
     assert r.status_code == 429 and error(r)["code"] == "too_many_queued"
     assert "Retry-After" in r.headers
     assert len(api.get("/v1/jobs?limit=100").json()["data"]) == 50  # nothing more recorded
     assert api.post(f"/v1/jobs/{last.json()['id']}/cancel").status_code == 202
-    assert api.post("/v1/jobs", json=llm).status_code == 202  # room again
+    assert api.post("/v1/jobs", json=QUEUED_LLM).status_code == 202  # room again
     assert api.post(f"/v1/batches/{created.json()['id']}/cancel").status_code == 202
 
 

@@ -37,6 +37,16 @@ class Limited:
     def read(self) -> Any:
         return self.client.get("/v1/jobs", headers=self.headers)
 
+    def reads(self, n: int) -> tuple[list[int], list[str], list[str], Any]:
+        """n reads: their statuses, X-RateLimit-Remaining and -Limit, and the last one."""
+        rs = [self.read() for _ in range(n)]
+        return (
+            [r.status_code for r in rs],
+            [r.headers["X-RateLimit-Remaining"] for r in rs],
+            [r.headers["X-RateLimit-Limit"] for r in rs],
+            rs[-1],
+        )
+
 
 def limited_app(read_limit: str, monkeypatch: pytest.MonkeyPatch) -> Limited:
     from api import create_app
@@ -96,11 +106,7 @@ def test_breach_of_the_first_window_does_not_count_in_the_second(
     lim = limited_app(limit, monkeypatch)
     first, minute = lim.keys(limit)
 
-    statuses, remaining = [], []
-    for _ in range(4):
-        r = lim.read()
-        statuses.append(r.status_code)
-        remaining.append(r.headers["X-RateLimit-Remaining"])
+    statuses, remaining, _limits, r = lim.reads(4)
     assert statuses == [200, 200, 429, 429]
     assert remaining == ["1", "0", "0", "0"]
     assert r.headers["X-RateLimit-Limit"] == "2"
@@ -115,12 +121,7 @@ def test_breach_of_the_second_window(redis: Any, monkeypatch: pytest.MonkeyPatch
     lim = limited_app(limit, monkeypatch)
     first, minute = lim.keys(limit)
 
-    statuses, remaining, limits = [], [], []
-    for _ in range(5):
-        r = lim.read()
-        statuses.append(r.status_code)
-        remaining.append(r.headers["X-RateLimit-Remaining"])
-        limits.append(r.headers["X-RateLimit-Limit"])
+    statuses, remaining, limits, _last = lim.reads(5)
     assert statuses == [200, 200, 200, 429, 429]
     # The first window's headers while both pass; the breached window's after.
     assert limits == ["10", "10", "10", "3", "3"]
