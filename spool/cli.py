@@ -177,13 +177,10 @@ def _pools_for(slots: int) -> None:
     """Pools that hold a connection for every thread at once (a batch's jobs finish
     together): smaller ones would open and close connections under load, or make a
     finishing job wait for one."""
-    from spool import db as dbm
-
     want = slots + WORKER_SIDE_THREADS
     if settings.get().db_pool_size < want:
         os.environ["SPOOL_DB_POOL_SIZE"] = str(want)
         settings.get.cache_clear()
-        dbm.clear_caches()  # the schema check's engine had the smaller pool
 
 
 @cli.command()
@@ -222,11 +219,6 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     extra = queues.split(",") if queues else ([] if model_names else ["spool.cpu"])
     os.environ["SPOOL_WORKER_MODELS"] = ",".join(names)
     qs = [registry.queue_name(m) for m in names] + [q for q in extra if q]
-    from spool import db as dbm
-
-    dbm.require_head()
-    from workers.app import app
-
     # Jobs of a micro-batch each hold a slot while they wait: auto-size for the largest batch.
     # A housekeeping worker (no models) mostly waits on webhook receivers, some of which
     # hang until the timeout: many slots, so that they cannot hold up the others.
@@ -234,7 +226,12 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     auto = max(4, 2 * largest) if names else HOUSEKEEPING_CONCURRENCY
     conc = concurrency or settings.get().worker_concurrency or auto
     if names:  # a housekeeping worker's slots wait on webhook receivers, not the database
-        _pools_for(conc)
+        _pools_for(conc)  # before the first engine is made
+    from spool import db as dbm
+
+    dbm.require_head()
+    from workers.app import app
+
     app.worker_main(
         [
             "worker",
