@@ -12,6 +12,9 @@ from spool import settings as _settings
 _s = _settings.get()
 
 broker_url = _s.redis_url
+# kombu's Redis transport, minus a new Redis client object per call (see the module).
+# Plain redis:// only: rediss:// and sentinel:// keep kombu's own scheme handling.
+broker_transport = "spool.broker_transport:Transport" if broker_url.startswith("redis://") else None
 # PostgreSQL holds results; Celery's result backend would only duplicate them.
 result_backend = None
 task_ignore_result = True
