@@ -18,7 +18,7 @@ from api.auth import claimed, key_checked_in_query, principal, verified
 from api.extensions import limiter
 from api.parsing import Blueprint
 from api.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema
-from spool import dispatch, jobs, metrics, users
+from spool import dispatch, events, jobs, metrics, users
 from spool.states import is_terminal
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,19 @@ def wait_for_end(row: Row, wait_s: float) -> Row:
     holds nothing), and the row is read again only when the job's end is announced or
     at the periodic re-check.
     """
+    out = _wait(row, wait_s, from_event=False)
+    assert isinstance(out, Row)
+    return out
+
+
+def wait_for_result(row: Row, wait_s: float) -> Row | events.Ended:
+    """`wait_for_end` for a caller that needs only the status, output and error: an end
+    announced with its committed result (a worker's finish) is returned as it is,
+    without reading the row again."""
+    return _wait(row, wait_s, from_event=True)
+
+
+def _wait(row: Row, wait_s: float, from_event: bool) -> Row | events.Ended:
     deadline = time.monotonic() + wait_s
     announced = False
     while not is_terminal(row.status):
@@ -84,7 +97,10 @@ def wait_for_end(row: Row, wait_s: float) -> Row:
         if left <= 0:
             break
         dbsession.release()
-        announced = waiting.wait_end(row.id, left, announced)
+        ended = waiting.wait_end(row.id, left, announced)
+        if from_event and ended is not None and ended.committed:
+            return ended
+        announced = ended is not None
         row = load_visible(row.id)
     return row
 

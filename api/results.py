@@ -14,7 +14,7 @@ from flask_jwt_extended import jwt_required
 from api import dbsession, errors, serialize
 from api.auth import key_checked_in_query
 from api.jobs import blp as jobs_blp
-from api.jobs import load_visible, read_limited, wait_for_end
+from api.jobs import load_visible, read_limited, wait_for_result
 from api.parsing import Blueprint
 from api.schemas import ResultSchema, WaitQuerySchema
 from spool import db, events, jobs
@@ -28,19 +28,24 @@ KEEPALIVE_S = 15.0
 def result_response(job_id: str, wait_s: float) -> Response:
     job = load_visible(job_id)
     if wait_s:
-        job = wait_for_end(job, wait_s)
-    if job.status == Status.SUCCEEDED:
-        return serialize.json_response({"id": job.id, "status": job.status, "output": job.output})
+        ended = wait_for_result(job, wait_s)
+        if isinstance(ended, events.Ended):  # the worker's committed result, as stored
+            return _ended(job.id, ended.status, ended.output, ended.error)
+        job = ended
     if is_terminal(job.status):
-        return serialize.json_response(
-            {"id": job.id, "status": job.status, "error": job.error}, 409
-        )
+        return _ended(job.id, job.status, job.output, job.error)
     retry_after = "1" if job.status != Status.QUEUED else "2"
     return serialize.json_response(
         {"id": job.id, "status": job.status, "progress": serialize.progress(job.progress)},
         202,
         {"Retry-After": retry_after},
     )
+
+
+def _ended(job_id: str, status: str, output: Any, error: Any) -> Response:
+    if status == Status.SUCCEEDED:
+        return serialize.json_response({"id": job_id, "status": status, "output": output})
+    return serialize.json_response({"id": job_id, "status": status, "error": error}, 409)
 
 
 @blp.route("/result/<job_id>")

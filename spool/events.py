@@ -77,8 +77,13 @@ def publish_many(items: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
         log.warning("%d events not published: %s", len(batch), exc)
 
 
-def publish_status(job_id: str, status: str, extra: dict[str, Any] | None = None) -> None:
-    """A status change; a terminal one is followed by `done`, which ends SSE streams."""
+def publish_status(
+    job_id: str, status: str, extra: dict[str, Any] | None = None, result: str | None = None
+) -> None:
+    """A status change; a terminal one is followed by `done`, which ends SSE streams.
+
+    `result`: the JSON of the job's committed `{"output", "error"}`, given only by a
+    writer whose change has committed; a long poll then answers from it (see `Ended`)."""
     if status not in TERMINAL:
         publish(job_id, "status", {"status": status, **(extra or {})})
         return
@@ -89,16 +94,17 @@ def publish_status(job_id: str, status: str, extra: dict[str, Any] | None = None
             for type_, data in last:
                 pipe.xadd(key, {"type": type_, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN)
             pipe.expire(key, STREAM_TTL_S)
-            _mark_ended(pipe, job_id, status)
+            _mark_ended(pipe, job_id, status, result)
             pipe.execute()
     except redis.RedisError as exc:
         log.warning("event %s for %s not published: %s", status, job_id, exc)
 
 
-def _mark_ended(pipe: Any, job_id: str, status: str) -> None:
+def _mark_ended(pipe: Any, job_id: str, status: str, result: str | None = None) -> None:
     # A stream of its own that only a terminal status writes: long polls block on it and
     # wake once, not on each of a text job's progress and token events.
-    pipe.xadd(end_key(job_id), {"status": status}, maxlen=1)
+    fields = {"status": status} if result is None else {"status": status, "result": result}
+    pipe.xadd(end_key(job_id), fields, maxlen=1)
     pipe.expire(end_key(job_id), STREAM_TTL_S)
 
 
@@ -155,8 +161,27 @@ def wait(job_id: str, after: str, block_s: float) -> list[Event]:
     return _decode(res[0][1])
 
 
-def wait_end(job_id: str, block_s: float) -> bool:
+@dataclass(frozen=True)
+class Ended:
+    """A job's end, as announced. `output`/`error` are set only when the announcer had
+    committed the end first and sent the stored result along (a worker's finish): then
+    they are exactly what PostgreSQL holds. The sweeper announces just before its
+    commit, without them: a reader must re-read the row."""
+
+    status: str
+    committed: bool = False
+    output: Any = None
+    error: Any = None
+
+
+def wait_end(job_id: str, block_s: float) -> Ended | None:
     """Block until the job has ended (at once if it already had), or block_s passes."""
     r = redisconn.blocking_client()
     res: Any = r.xread({end_key(job_id): "0-0"}, block=max(1, int(block_s * 1000)), count=1)
-    return bool(res)
+    if not res:
+        return None
+    fields = res[0][1][0][1]
+    if "result" not in fields:
+        return Ended(fields.get("status", ""))
+    stored = json.loads(fields["result"])
+    return Ended(fields["status"], True, stored.get("output"), stored.get("error"))

@@ -184,10 +184,23 @@ FINISH_SQL = db.prepared(
         "error = CAST(:error AS jsonb), finished_at = now(), updated_at = now(), "
         "lease_expires_at = NULL, progress = COALESCE(CAST(:progress AS jsonb), progress) "
         "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
-        f"RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s, {lifecycle.RETURNING}"
+        "RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s, output, error, "
+        f"{lifecycle.RETURNING}"
     ),
     "finish",
 )
+
+# A finish announces its stored result with the job's end, up to this size (JSON bytes),
+# so that long polls answer without reading the row again (spool.events.Ended). A
+# larger one is left to that read rather than kept in Redis for the stream's lifetime.
+RESULT_INLINE_MAX = 16 * 1024
+
+
+def _stored_result(row: Any) -> str | None:
+    # From RETURNING, not from the arguments: exactly what PostgreSQL holds (jsonb
+    # reorders keys), so both ways of answering give the same bytes.
+    result = json.dumps({"output": row.output, "error": row.error})
+    return result if len(result) <= RESULT_INLINE_MAX else None
 
 
 def finish(
@@ -218,6 +231,7 @@ def finish(
     if row is None:
         return False
     extra: dict[str, Any] = {"error": error} if error else {}
-    events.publish_status(c.job_id, status, extra)
+    # After the commit: what the announcement carries is already stored.
+    events.publish_status(c.job_id, status, extra, _stored_result(row))
     metrics.observe_job_finished(c.kind, c.model, status, float(row.run_s or 0))
     return True
