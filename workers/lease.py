@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,21 +40,26 @@ class Claim:
         return not self.webhook and self.batch_id is None
 
 
-@contextmanager
-def _writing(atomic: bool) -> Iterator[Session]:
-    """A transaction when the block writes more than one statement; otherwise the
-    statement commits on its own, one round trip instead of three (psycopg2's BEGIN,
-    the statement, COMMIT)."""
-    if atomic:
-        with db.transaction() as s:
-            yield s
-        return
-    s = db.autocommit_session()
-    try:
-        yield s
-        s.commit()  # anything the ORM still holds (nothing, for a plain job): no round trip
-    finally:
-        s.close()
+def _write(
+    stmt: Any,
+    params: dict[str, Any],
+    atomic: bool,
+    then: Callable[[Session, Sequence[Any]], None] | None = None,
+) -> Sequence[Any]:
+    """Run one writing statement; returns its rows.
+
+    `atomic`: in a transaction, with `then(session, rows)` (what follows the change,
+    spool/lifecycle.py) inside it. Otherwise the statement commits on its own on a bare
+    connection: one round trip instead of three (psycopg2's BEGIN, the statement,
+    COMMIT), and no ORM Session made (~150 µs of CPU)."""
+    if not atomic:
+        with db.autocommit_engine().connect() as conn:
+            return conn.execute(stmt, params).all()
+    with db.transaction() as s:
+        rows = s.connection().execute(stmt, params).all()
+        if then is not None and rows:
+            then(s, rows)
+        return rows
 
 
 # Claims, renewals and progress commit without waiting for their WAL flush (in the same
@@ -103,13 +107,15 @@ def claim(queue: str, worker: str) -> Claim | None:
     (`told`), and the claim is made again in a transaction."""
     tok = uuid.uuid4().hex
     params = {"queue": queue, "tok": tok, "lease": settings.get().lease_s, "worker": worker}
-    with _writing(atomic=False) as s:
-        row = s.connection().execute(CLAIM_SQL, {**params, "in_tx": False}).first()
-    if row is not None and row.told:
-        with _writing(atomic=True) as s:
-            row = s.connection().execute(CLAIM_SQL, {**params, "in_tx": True}).first()
-            if row is not None and row.id is not None:
-                lifecycle.job_started(s, row)  # job.started webhook, in this transaction
+    rows = _write(CLAIM_SQL, {**params, "in_tx": False}, atomic=False)
+    if rows and rows[0].told:
+
+        def started(s: Session, rows: Sequence[Any]) -> None:
+            if rows[0].id is not None:
+                lifecycle.job_started(s, rows[0])  # job.started webhook, in this transaction
+
+        rows = _write(CLAIM_SQL, {**params, "in_tx": True}, atomic=True, then=started)
+    row = rows[0] if rows else None
     if row is None or row.id is None:
         return None
     job_id = row.id
@@ -146,16 +152,12 @@ def renew(claims: Sequence[Claim]) -> dict[str, str]:
     still ours (a job missing from it was taken back)."""
     if not claims:
         return {}
-    with _writing(atomic=False) as s:
-        rows = s.connection().execute(
-            RENEW_SQL,
-            {
-                "ids": [c.job_id for c in claims],
-                "toks": [c.token for c in claims],
-                "lease": settings.get().lease_s,
-            },
-        )
-        return {r.id: r.status for r in rows}
+    params = {
+        "ids": [c.job_id for c in claims],
+        "toks": [c.token for c in claims],
+        "lease": settings.get().lease_s,
+    }
+    return {r.id: r.status for r in _write(RENEW_SQL, params, atomic=False)}
 
 
 PROGRESS_SQL = db.prepared(
@@ -168,14 +170,14 @@ PROGRESS_SQL = db.prepared(
 
 
 def progress(c: Claim, current: int, total: int) -> None:
-    with _writing(atomic=c.webhook) as s:  # job.progress webhook, in its transaction
-        conn = s.connection()  # Core: none of the ORM's execute machinery
-        row = conn.execute(
-            PROGRESS_SQL,
-            {"id": c.job_id, "tok": c.token, "p": json.dumps({"current": current, "total": total})},
-        ).first()
-        if row is not None:
-            lifecycle.job_progress(s, row)
+    params = {"id": c.job_id, "tok": c.token, "p": json.dumps({"current": current, "total": total})}
+    # job.progress webhook, in its transaction
+    _write(
+        PROGRESS_SQL,
+        params,
+        atomic=c.webhook,
+        then=lambda s, rows: lifecycle.job_progress(s, rows[0]),
+    )
 
 
 FINISH_SQL = db.prepared(
@@ -213,21 +215,17 @@ def finish(
     """Record the outcome (and the last progress the job reported) if the job is still
     ours; False when it was taken away."""
     last = {"current": progress[0], "total": progress[1]} if progress else None
-    with _writing(atomic=not c.plain) as s:
-        conn = s.connection()  # Core: none of the ORM's execute machinery
-        row = conn.execute(
-            FINISH_SQL,
-            {
-                "id": c.job_id,
-                "tok": c.token,
-                "status": status,
-                "output": json.dumps(output) if output is not None else None,
-                "error": json.dumps(error) if error is not None else None,
-                "progress": json.dumps(last) if last is not None else None,
-            },
-        ).first()
-        if row is not None:
-            lifecycle.jobs_finished(s, [row])  # job.completed webhook, the batch's end
+    params = {
+        "id": c.job_id,
+        "tok": c.token,
+        "status": status,
+        "output": json.dumps(output) if output is not None else None,
+        "error": json.dumps(error) if error is not None else None,
+        "progress": json.dumps(last) if last is not None else None,
+    }
+    # job.completed webhook and the batch's end, in the finish's transaction
+    rows = _write(FINISH_SQL, params, atomic=not c.plain, then=lifecycle.jobs_finished)
+    row = rows[0] if rows else None
     if row is None:
         return False
     extra: dict[str, Any] = {"error": error} if error else {}

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from unittest import mock
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from spool import db, jobs, registry, users
 from workers import lease
@@ -63,6 +65,20 @@ def test_plain_job_is_claimed_and_finished_in_one_statement_each(
     assert finish_statements[0].startswith("auto:EXECUTE spool_finish_"), finish_statements
     assert _status(job_id) == ("succeeded", 1)
     assert lease.claim(queue, "test-worker") is None  # nothing left, nothing taken twice
+
+
+def test_plain_job_makes_no_orm_session() -> None:
+    """A plain claim, renewal and finish run on a bare connection: making an ORM
+    Session for a single statement cost more CPU than the statement itself."""
+    model, queue = _own_queue()
+    _queue_job(_user(), model)
+    init = Session.__init__
+    with mock.patch.object(Session, "__init__", autospec=True, side_effect=init) as made:
+        c = lease.claim(queue, "test-worker")
+        assert c is not None
+        assert lease.renew([c]) == {c.job_id: "running"}
+        assert lease.finish(c, "succeeded", {"value": 1})
+    assert made.call_count == 0
 
 
 def test_webhook_job_records_started_in_the_claims_transaction(statements: list[str]) -> None:
