@@ -56,7 +56,7 @@ def _load_principal(_header: dict, claims: dict[str, Any]) -> users.Principal | 
     # follow on the same connection): a revoked key or deleted user fails at once.
     if _key_checked_in_query():
         return Claimed(str(claims.get("sub", "")), claims.get("kid", ""))
-    return users.principal_for_key(dbsession.get(), claims.get("kid", ""))
+    return users.principal_for_key(dbsession.connection(), claims.get("kid", ""))
 
 
 @jwt.user_lookup_error_loader
@@ -85,7 +85,7 @@ def principal() -> users.Principal:
     if p is None:
         user = current_user
         if isinstance(user, Claimed):
-            return verified(users.principal_for_key(dbsession.get(), user.key_id))
+            return verified(users.principal_for_key(dbsession.connection(), user.key_id))
         p = g._spool_principal = user
     g.user_id = p.user_id
     return p

@@ -55,11 +55,11 @@ def load_visible(job_id: str) -> Row:
     In a `key_checked_in_query` view, the same query checks the token's key."""
     token = claimed()
     if token is not None:
-        found, row = jobs.visible_row_for_key(dbsession.get(), job_id, token.key_id)
+        found, row = jobs.visible_row_for_key(dbsession.connection(), job_id, token.key_id)
         verified(found)
     else:
         p = principal()
-        row = jobs.visible_row(dbsession.get(), job_id, p.user_id, p.is_admin)
+        row = jobs.visible_row(dbsession.connection(), job_id, p.user_id, p.is_admin)
     if row is None:
         raise errors.not_found("job")
     return row
@@ -154,9 +154,11 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
         # The common submit: one INSERT that also checks the token's key and the cap,
         # and commits on its own.
         row = jobs.new_row(token.user_id, req)
-        job = jobs.insert_checked(dbsession.get(), row, token.key_id, cap)
+        job = jobs.insert_checked(dbsession.connection(), row, token.key_id, cap)
         if job is None:
-            verified(users.principal_for_key(dbsession.get(), token.key_id))  # 401 if revoked
+            verified(
+                users.principal_for_key(dbsession.connection(), token.key_id)
+            )  # 401 if revoked
             raise _too_many_queued(cap)
         # The INSERT found the key valid for this user; the rest of the request needs
         # only the user's id (the job is theirs, whatever their name or role).

@@ -81,7 +81,7 @@ def _sse(event_id: str, type_: str, data: Any) -> str:
 def _current(job_id: str) -> dict[str, Any]:
     # A short session of its own: a stream must not hold a connection while it waits.
     with db.session() as s:
-        row = jobs.view_row(s, job_id)
+        row = jobs.view_row(s.connection(), job_id)
         assert row is not None
         return serialize.job(row, row.queue_position)
 

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import redis
 from sqlalchemy import (
+    Connection,
     Row,
     Table,
     and_,
@@ -173,14 +174,14 @@ def _insert_checked(columns: tuple[str, ...]) -> Any:
 
 
 def insert_checked(
-    session: Session, row: dict[str, Any], key_id: str, max_queued: int
+    conn: Connection, row: dict[str, Any], key_id: str, max_queued: int
 ) -> Row | None:
     """`insert_one` in the same round trip as two checks: the token's key `key_id` is
     still valid for the row's user, and the user has fewer than `max_queued` queued jobs.
     None when either fails (the caller tells which, off the hot path)."""
     stmt = _insert_checked(tuple(row))
     params = {**row, "key_id": key_id, "max_queued": max_queued}
-    return session.connection().execute(stmt, params).first()
+    return conn.execute(stmt, params).first()
 
 
 # Built once: SQLAlchemy then only looks the compiled form up in its cache.
@@ -207,28 +208,28 @@ _BY_ID_FOR_KEY = db.prepared(
 )
 
 
-def view_row(session: Session, job_id: str) -> Row | None:
+def view_row(conn: Connection, job_id: str) -> Row | None:
     """The job as `view_select` shows it, whoever owns it.
 
     Core statements run on the session's connection (no ORM machinery), here and in
     the other per-request queries."""
-    return session.connection().execute(_BY_ID, {"job_id": job_id}).first()
+    return conn.execute(_BY_ID, {"job_id": job_id}).first()
 
 
-def visible_row(session: Session, job_id: str, user_id: str, is_admin: bool = False) -> Row | None:
+def visible_row(conn: Connection, job_id: str, user_id: str, is_admin: bool = False) -> Row | None:
     """`visible`, as a plain row that carries its `queue_position`."""
     if is_admin:
-        return view_row(session, job_id)
+        return view_row(conn, job_id)
     params = {"job_id": job_id, "user_id": user_id}
-    return session.connection().execute(_BY_ID_OF_USER, params).first()
+    return conn.execute(_BY_ID_OF_USER, params).first()
 
 
 def visible_row_for_key(
-    session: Session, job_id: str, key_id: str
+    conn: Connection, job_id: str, key_id: str
 ) -> tuple[users.Principal | None, Row | None]:
     """The principal of the token's key `key_id` (None: revoked key or deleted user) and
     `visible_row` for that principal, in one round trip."""
-    row = session.connection().execute(_BY_ID_FOR_KEY, {"job_id": job_id, "key_id": key_id}).first()
+    row = conn.execute(_BY_ID_FOR_KEY, {"job_id": job_id, "key_id": key_id}).first()
     if row is None:
         return None, None
     p = users.Principal(row.p_user_id, row.p_name, row.p_is_admin, key_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from spool import db, security
@@ -115,8 +115,8 @@ PRINCIPAL = (
 _PRINCIPAL = db.prepared(PRINCIPAL, "principal")
 
 
-def principal_for_key(session: Session, key_id: str) -> Principal | None:
+def principal_for_key(conn: Connection, key_id: str) -> Principal | None:
     """The token's principal, or None when its key was revoked or its user deleted."""
-    # On the session's connection: a Core statement needs none of the ORM's machinery.
-    row = session.connection().execute(_PRINCIPAL, {"key_id": key_id}).first()
+    # A Core statement on a bare connection: none of the ORM's machinery.
+    row = conn.execute(_PRINCIPAL, {"key_id": key_id}).first()
     return Principal(row[0], row[1], row[2], key_id) if row else None

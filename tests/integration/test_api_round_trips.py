@@ -6,6 +6,7 @@ each is a prepared statement (spool.db.prepared).
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -50,6 +51,26 @@ def test_submit_and_read_are_one_statement_each(client: Any, statements: list[st
     statements.clear()
     assert client.get(f"/v1/jobs/{job_id}", headers=other).status_code == 404
     assert len(statements) == 1, statements
+
+
+def test_the_hot_views_make_no_orm_session(client: Any) -> None:
+    """A submit and the reads run Core statements on the request's connection: making
+    an ORM Session cost more CPU than the statement it would run."""
+    from sqlalchemy.orm import Session
+
+    auth = _auth(client)
+    init = Session.__init__
+    with mock.patch.object(Session, "__init__", autospec=True, side_effect=init) as made:
+        r = client.post("/v1/jobs", json={**ECHO, "input": {"value": 1}}, headers=auth)
+        assert r.status_code == 202, r.data
+        job_id = r.get_json()["id"]
+        for path in (f"/v1/jobs/{job_id}", f"/result/{job_id}", f"/v1/jobs/{job_id}/result"):
+            assert client.get(path, headers=auth).status_code in (200, 202)
+        assert made.call_count == 0
+        # A view that needs the ORM still gets its Session.
+        assert client.get("/v1/jobs", headers=auth).status_code == 200
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code in (202, 409)
+        assert made.call_count >= 1
 
 
 def test_the_other_views_look_the_principal_up_first(client: Any, statements: list[str]) -> None:
