@@ -35,9 +35,12 @@ broker_transport_options = {
     # Emulated priorities: one Redis list per step, popped in order (0 first).
     "priority_steps": [0, 3, 6],
     "sep": ":",
-    # Only reserved-but-unstarted messages sit unacked (acks are early): a short
-    # timeout restores those quickly; a duplicate is a no-op thanks to the claim.
-    "visibility_timeout": _s.broker_visibility_timeout_s,
+    # No unacked record per message (kombu's ack emulation: one MULTI when a worker
+    # takes a message, another when it acks, each on the pick-up path). A message is a
+    # token, not the job: one a SIGKILLed worker had reserved is made up by the sweeper's
+    # top-up (jobs queued past SPOOL_RESEND_GRACE_S), sooner than a visibility timeout
+    # would restore it; a worker shutting down puts its reserved ones back itself.
+    "ack_emulation": False,
     # A dead Redis must fail a publish in seconds (the API still answers 202:
     # the job is in PostgreSQL and the sweeper sends it later).
     "socket_timeout": 5,

@@ -79,7 +79,6 @@ class Settings:
     webhook_retry_scale: float = 1.0  # multiplies every webhook retry delay (tests: 0.01)
     webhook_timeout_s: float = 15.0
     torch_threads: int = 0
-    broker_visibility_timeout_s: int = 300
     metrics_port: int = 9750
     # Connections a pool keeps open. Overflow connections are closed as soon as they are
     # returned, so under load they are opened and closed again and again (a PostgreSQL
@@ -160,7 +159,6 @@ def from_env() -> Settings:
         webhook_retry_scale=_float("SPOOL_WEBHOOK_RETRY_SCALE", 1.0),
         webhook_timeout_s=_float("SPOOL_WEBHOOK_TIMEOUT_S", 15.0),
         torch_threads=_int("SPOOL_TORCH_THREADS", 0),
-        broker_visibility_timeout_s=_int("SPOOL_BROKER_VISIBILITY_TIMEOUT_S", 300),
         metrics_port=_int("SPOOL_METRICS_PORT", 9750),
         db_pool_size=_int("SPOOL_DB_POOL_SIZE", 10),
         db_prepare=parse_bool(os.environ.get("SPOOL_DB_PREPARE"), True),
