@@ -143,7 +143,8 @@ def engine() -> Engine:
 def autocommit_engine() -> Engine:
     """Each statement commits on its own: reads cost one round trip, not three (psycopg2
     sends BEGIN, and the pool a ROLLBACK, around every transaction). For the API's
-    request sessions (api/dbsession.py), which open a transaction only to write."""
+    request connections (api/dbsession.py), which open a transaction only to write, and
+    the worker's single-statement writes (workers/lease.py)."""
     return make_engine(settings.get().database_url, isolation_level="AUTOCOMMIT")
 
 
@@ -152,22 +153,13 @@ def _factory() -> sessionmaker[Session]:
     return sessionmaker(bind=engine(), expire_on_commit=False)
 
 
-@lru_cache(maxsize=1)
-def _autocommit_factory() -> sessionmaker[Session]:
-    return sessionmaker(bind=autocommit_engine(), expire_on_commit=False)
-
-
 def session() -> Session:
     return _factory()()
 
 
-def autocommit_session() -> Session:
-    return _autocommit_factory()()
-
-
 def clear_caches() -> None:
     """Forget engines and factories (tests and benchmarks that change DATABASE_URL)."""
-    for cached in (engine, autocommit_engine, _factory, _autocommit_factory):
+    for cached in (engine, autocommit_engine, _factory):
         cached.cache_clear()
 
 
