@@ -73,7 +73,13 @@ class Courier:
     def watch(self, ctx: RunContext) -> None:
         with self._cond:
             self._watched[ctx.job_id] = ctx
-            if len(self._watched) == 1 or self._thread is None or not self._thread.is_alive():
+            if len(self._watched) == 1:
+                # The first job after an idle spell starts the poll clock: its first poll
+                # comes CANCEL_POLL_S into it, as for every later job, so a job shorter
+                # than that (an echo) costs no MGET racing it for the CPU.
+                self._last_poll = time.monotonic()
+                self._wake()
+            elif self._thread is None or not self._thread.is_alive():
                 self._wake()  # else it is polling already: no wake-up per job
 
     def unwatch(self, ctx: RunContext) -> None:

@@ -72,3 +72,28 @@ def test_a_closed_job_is_no_longer_polled(database_url: str, redis_client: Any) 
     redis_client.set(CANCEL_KEY.format(ctx.job_id), "1", ex=60)
     time.sleep(CANCEL_POLL_S * 4)
     assert not ctx.canceled()
+
+
+def test_a_job_shorter_than_a_poll_sends_no_poll(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first job after an idle spell starts the poll clock: an echo job of a few ms
+    does not pay for an MGET racing it for the CPU."""
+    from workers import context
+
+    polled: list[int] = []
+    real = context._poll_cancel
+    monkeypatch.setattr(context, "_poll_cancel", lambda w: (polled.append(len(w)), real(w)))
+    time.sleep(CANCEL_POLL_S * 2)  # whatever an earlier test left watched is long gone
+    polled.clear()
+    ctx = _context()
+    ctx.token("hi")
+    assert ctx._courier.flush()  # a round of the courier while the job is watched
+    ctx.close()
+    time.sleep(CANCEL_POLL_S * 3)
+    assert polled == []
+    ctx = _context()  # one that runs for longer is polled, one poll interval in
+    try:
+        support.wait_until(lambda: polled, timeout=2, every=0.005, what="a poll")
+    finally:
+        ctx.close()
