@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -70,26 +71,39 @@ def job_response(job_id: str) -> dict[str, Any]:
     return serialize.job(row, row.queue_position)
 
 
-def wait_for_end(row: Row, wait_s: float) -> Row:
-    """Long-poll: the job once it has ended, or as it is after wait_s.
+def wait_for_result(row: Row, wait_s: float) -> Row | events.Ended:
+    """Long-poll for a caller that needs only the status, output and error: the job
+    once it has ended, or as it is after wait_s; an end announced with its committed
+    result (a worker's finish) is returned as it is, without reading the row again."""
+    return _wait(row, wait_s, lambda e: True)
+
+
+def ended_view(body: dict[str, Any], ended: events.Ended) -> dict[str, Any]:
+    """The job `body` (as submitted) with what its committed end changed: the same
+    object a read of the finished row shows."""
+    assert ended.changed is not None
+    changed = ended.changed
+    return {
+        **body,
+        "status": ended.status,
+        "output": ended.output,
+        "error": ended.error,
+        "progress": serialize.progress(changed["progress"]),
+        "queue_position": None,
+        "attempts": changed["attempts"],
+        "started_at": changed["started_at"],
+        "finished_at": changed["finished_at"],
+    }
+
+
+def _wait(row: Row, wait_s: float, enough: Callable[[events.Ended], bool]) -> Row | events.Ended:
+    """The job once it has ended, or as it is after wait_s; or its end as announced
+    with the committed result when that is `enough` for the caller.
 
     The request's connection goes back to the pool while it waits (a parked greenlet
     holds nothing), and the row is read again only when the job's end is announced or
     at the periodic re-check.
     """
-    out = _wait(row, wait_s, from_event=False)
-    assert isinstance(out, Row)
-    return out
-
-
-def wait_for_result(row: Row, wait_s: float) -> Row | events.Ended:
-    """`wait_for_end` for a caller that needs only the status, output and error: an end
-    announced with its committed result (a worker's finish) is returned as it is,
-    without reading the row again."""
-    return _wait(row, wait_s, from_event=True)
-
-
-def _wait(row: Row, wait_s: float, from_event: bool) -> Row | events.Ended:
     deadline = time.monotonic() + wait_s
     announced = False
     while not is_terminal(row.status):
@@ -98,7 +112,7 @@ def _wait(row: Row, wait_s: float, from_event: bool) -> Row | events.Ended:
             break
         dbsession.release()
         ended = waiting.wait_end(row.id, left, announced)
-        if from_event and ended is not None and ended.committed:
+        if ended is not None and ended.committed and enough(ended):
             return ended
         announced = ended is not None
         row = load_visible(row.id)
@@ -175,9 +189,11 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
     wait_s = prefer_wait()
     if wait_s:
         try:
-            job = wait_for_end(job, wait_s)
-            if is_terminal(job.status):
-                return serialize.job(job, job.queue_position), 200, headers
+            ended = _wait(job, wait_s, lambda e: e.changed is not None)
+            if isinstance(ended, events.Ended):
+                return ended_view(body, ended), 200, headers
+            if is_terminal(ended.status):
+                return serialize.job(ended, ended.queue_position), 200, headers
         except (SQLAlchemyError, redis.RedisError) as exc:  # accepted all the same: say so
             log.warning("Prefer: wait cut short for %s: %s", row["id"], exc)
     return body, 202, headers

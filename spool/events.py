@@ -172,6 +172,9 @@ class Ended:
     committed: bool = False
     output: Any = None
     error: Any = None
+    # The job's other fields as the end left them (progress, attempts, started_at and
+    # finished_at as API.md shows them); None from an announcer that did not send them.
+    changed: dict[str, Any] | None = None
 
 
 def wait_end(job_id: str, block_s: float) -> Ended | None:
@@ -184,4 +187,5 @@ def wait_end(job_id: str, block_s: float) -> Ended | None:
     if "result" not in fields:
         return Ended(fields.get("status", ""))
     stored = json.loads(fields["result"])
-    return Ended(fields["status"], True, stored.get("output"), stored.get("error"))
+    output, error = stored.pop("output", None), stored.pop("error", None)
+    return Ended(fields["status"], True, output, error, stored if "finished_at" in stored else None)

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from spool import db, events, lifecycle, metrics, settings
+from spool.serialize import iso
 from spool.states import Status
 
 
@@ -187,7 +188,7 @@ FINISH_SQL = db.prepared(
         "lease_expires_at = NULL, progress = COALESCE(CAST(:progress AS jsonb), progress) "
         "WHERE id = :id AND lease_token = :tok AND status IN ('running', 'canceling') "
         "RETURNING EXTRACT(EPOCH FROM now() - started_at) AS run_s, output, error, "
-        f"{lifecycle.RETURNING}"
+        f"progress, attempts, started_at, finished_at, {lifecycle.RETURNING}"
     ),
     "finish",
 )
@@ -200,8 +201,18 @@ RESULT_INLINE_MAX = 16 * 1024
 
 def _stored_result(row: Any) -> str | None:
     # From RETURNING, not from the arguments: exactly what PostgreSQL holds (jsonb
-    # reorders keys), so both ways of answering give the same bytes.
-    result = json.dumps({"output": row.output, "error": row.error})
+    # reorders keys), so both ways of answering give the same bytes. With the other
+    # fields the end changed, so a submit's `Prefer: wait` can show the whole job too.
+    result = json.dumps(
+        {
+            "output": row.output,
+            "error": row.error,
+            "progress": row.progress,
+            "attempts": row.attempts,
+            "started_at": iso(row.started_at),
+            "finished_at": iso(row.finished_at),
+        }
+    )
     return result if len(result) <= RESULT_INLINE_MAX else None
 
 

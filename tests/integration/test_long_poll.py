@@ -130,3 +130,85 @@ def test_a_large_output_is_re_read_not_kept_in_redis(
     assert _reads(statements) == 2, statements
     (entry,) = redis_client.xrange(events.end_key(job_id))
     assert entry[1] == {"status": "succeeded"}
+
+
+@pytest.fixture()
+def own_model(monkeypatch: pytest.MonkeyPatch) -> str:
+    """An echo model on a queue of its own, known to this process's API only: no worker
+    of the test platform takes its jobs, the test's own claims take nothing else."""
+    name = f"echo-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setitem(registry.models(), name, registry.ModelSpec(name=name, kind="echo"))
+    return name
+
+
+def test_a_submit_with_prefer_wait_answers_from_the_end_like_a_read(
+    client: Any, statements: list[str], own_model: str
+) -> None:
+    """`POST /v1/jobs` with `Prefer: wait`: the whole job from the committed end (the
+    submitted job plus what the finish changed), no read after the wait, and the same
+    object a read of the finished row shows."""
+    _, auth = _user_and_auth(client)
+    queue = registry.queue_name(own_model)
+    output = {"zeta": 1, "a": [1, 2.5, "x"], "mid": None}
+    taken: list[str] = []
+
+    def worker() -> None:
+        c = lease.claim(queue, "test-worker")
+        assert c is not None
+        taken.append(c.job_id)
+        assert lease.finish(c, "succeeded", output, progress=(3, 4))
+
+    statements.clear()
+    t = _soon(worker)
+    body = {"kind": "echo", "model": own_model, "input": {"value": 1}, "metadata": {"k": "v"}}
+    r = client.post("/v1/jobs", json=body, headers={**auth, "Prefer": "wait=10"})
+    t.join()
+    assert r.status_code == 200, r.data
+    job = r.get_json()
+    assert taken == [job["id"]]
+    assert _reads(statements) == 0, statements  # the INSERT returned the job; no re-read
+    assert job["status"] == "succeeded" and job["output"] == output
+    assert job["progress"] == {"current": 3, "total": 4, "fraction": 0.75}
+    assert job["started_at"] and job["finished_at"] and job["attempts"] == 1
+
+    read = client.get(f"/v1/jobs/{job['id']}", headers=auth)  # from the row
+    assert read.status_code == 200
+    assert r.data == read.data
+
+
+def test_a_submit_with_prefer_wait_re_reads_an_end_without_its_fields(
+    client: Any, statements: list[str], own_model: str
+) -> None:
+    """An end announced with only the output and error (a worker of the release before
+    this one, mid-upgrade) is not enough for the whole job: it is read again."""
+    _, auth = _user_and_auth(client)
+    queue = registry.queue_name(own_model)
+
+    def old_worker() -> None:
+        c = lease.claim(queue, "test-worker")
+        assert c is not None
+        with db.transaction() as s:
+            s.execute(
+                text(
+                    "UPDATE jobs SET status = 'succeeded', finished_at = now(), "
+                    "output = CAST(:o AS jsonb) WHERE id = :i"
+                ),
+                {"i": c.job_id, "o": '{"value": 2}'},
+            )
+        events.publish_status(
+            c.job_id, "succeeded", None, '{"output": {"value": 2}, "error": null}'
+        )
+
+    statements.clear()
+    t = _soon(old_worker)
+    r = client.post(
+        "/v1/jobs",
+        json={"kind": "echo", "model": own_model, "input": {}},
+        headers={**auth, "Prefer": "wait=10"},
+    )
+    t.join()
+    assert r.status_code == 200, r.data
+    assert r.get_json()["output"] == {"value": 2}
+    assert _reads(statements) == 1, statements
+    read = client.get(f"/v1/jobs/{r.get_json()['id']}", headers=auth)
+    assert r.data == read.data
