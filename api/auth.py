@@ -115,7 +115,7 @@ def login_required(fn):
 
 @blp.route("/auth/token")
 class Token(MethodView):
-    @blp.arguments(TokenRequestSchema)
+    @blp.arguments(TokenRequestSchema())
     @blp.response(200, TokenSchema)
     def post(self, body: dict) -> dict:
         """Exchange an API key for a bearer token."""

@@ -65,7 +65,7 @@ class Batches(MethodView):
         return batch_intake.create()
 
     @read_limited
-    @blp.arguments(BatchListQuerySchema, location="query")
+    @blp.arguments(BatchListQuerySchema(), location="query")
     @blp.response(200, BatchPageSchema)
     def get(self, q: dict[str, Any]):
         """List your batches, newest first."""

@@ -204,7 +204,7 @@ class Jobs(MethodView):
     decorators = [jwt_required()]
 
     @submit_limited
-    @blp.arguments(JobCreateSchema)
+    @blp.arguments(JobCreateSchema())
     @blp.response(202, JobSchema)
     @blp.alt_response(200, schema=JobSchema, description="finished within `Prefer: wait=N`")
     @key_checked_in_query
@@ -213,7 +213,7 @@ class Jobs(MethodView):
         return serialize.json_response(*create(req))
 
     @read_limited
-    @blp.arguments(JobListQuerySchema, location="query")
+    @blp.arguments(JobListQuerySchema(), location="query")
     @blp.response(200, JobPageSchema)
     def get(self, q: dict[str, Any]):
         """List your jobs, newest first."""

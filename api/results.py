@@ -51,7 +51,7 @@ def _ended(job_id: str, status: str, output: Any, error: Any) -> Response:
 @blp.route("/result/<job_id>")
 @jwt_required()
 @read_limited
-@blp.arguments(WaitQuerySchema, location="query")
+@blp.arguments(WaitQuerySchema(), location="query")
 @blp.response(200, ResultSchema)
 @blp.alt_response(202, schema=ResultSchema, description="queued or running")
 @blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")
@@ -64,7 +64,7 @@ def result(q: dict[str, Any], job_id: str):
 @jobs_blp.route("/<job_id>/result")
 @jwt_required()
 @read_limited
-@jobs_blp.arguments(WaitQuerySchema, location="query")
+@jobs_blp.arguments(WaitQuerySchema(), location="query")
 @jobs_blp.response(200, ResultSchema)
 @jobs_blp.alt_response(202, schema=ResultSchema, description="queued or running")
 @jobs_blp.alt_response(409, schema=ResultSchema, description="failed, canceled or expired")

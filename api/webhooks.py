@@ -83,7 +83,7 @@ def _with_attempts(s: Any, deliveries: list[WebhookDelivery]) -> list[dict[str, 
 @blp.route("/<job_id>/webhooks")
 @jwt_required()
 @read_limited
-@blp.arguments(DeliveryQuerySchema, location="query")
+@blp.arguments(DeliveryQuerySchema(), location="query")
 @blp.response(200, DeliveryPageSchema)
 def list_deliveries(q: dict[str, Any], job_id: str):
     """The job's webhook deliveries (oldest first) with every attempt."""
