@@ -178,3 +178,26 @@ def test_an_unknown_scope_is_one_window_at_a_time(
         assert redis.get(storage.prefixed_key(k2)) is None
         assert storage.incr(k2, 60) == 1
     assert lim.commands == ["EVALSHA", "EVALSHA"]
+
+
+def test_only_limited_views_ask_the_limiter(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No before_request pass over every request: Spool has no default or application
+    limits, so /healthz costs the limiter nothing, and a limited view is checked once,
+    by its decorator, and still counted."""
+    from flask_limiter import Limiter
+
+    calls: list[str | None] = []
+    real = Limiter._check_request_limit
+
+    def spy(self: Limiter, callable_name: str | None = None, in_middleware: bool = True) -> None:
+        calls.append(callable_name)
+        real(self, callable_name=callable_name, in_middleware=in_middleware)
+
+    monkeypatch.setattr(Limiter, "_check_request_limit", spy)
+    lim = limited_app("2/second;100/minute", monkeypatch)
+    calls.clear()
+    assert lim.client.get("/healthz").status_code == 200
+    assert calls == []
+    statuses, remaining, _, _ = lim.reads(3)
+    assert len(calls) == 3 and all(calls)  # each by the view's decorator
+    assert statuses == [200, 200, 429] and remaining[:2] == ["1", "0"]
