@@ -266,6 +266,34 @@ def create_user(name: str | None = None, admin: bool = False) -> str:
     return key
 
 
+def create_user_id(name: str | None = None) -> str:
+    """A user in the test database (in-process); returns its id."""
+    from spool import db, users
+
+    with db.transaction() as s:
+        user, _ = users.create_user(s, name or f"u_{uuid.uuid4().hex[:8]}")
+        return user.id
+
+
+def own_queue() -> tuple[str, str]:
+    """A model name no other test uses and its queue: no worker of the test platform
+    consumes it, and a test's claims on it find only the test's own jobs."""
+    from spool import registry
+
+    model = f"m{uuid.uuid4().hex[:8]}"
+    return model, registry.queue_name(model)
+
+
+def queue_job(user_id: str, model: str, **req: Any) -> str:
+    """An echo job of `model` recorded as queued (no message sent); returns its id."""
+    from spool import db, jobs
+
+    row = jobs.new_row(user_id, {"kind": "echo", "model": model, "input": {"value": 1}, **req})
+    with db.transaction() as s:
+        jobs.insert_rows(s, [row])
+    return row["id"]
+
+
 class Api:
     """A client as a user would write one: requests + a bearer token."""
 

@@ -7,34 +7,14 @@ claim's transaction, and a batch job ends its batch in the finish's.
 
 from __future__ import annotations
 
-import uuid
-from typing import Any
 from unittest import mock
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from spool import db, jobs, registry, users
+from spool import db
+from tests import support
 from workers import lease
-
-
-def _user() -> str:
-    with db.transaction() as s:
-        user, _key = users.create_user(s, f"u_{uuid.uuid4().hex[:8]}")
-        return user.id
-
-
-def _queue_job(user_id: str, model: str, **req: Any) -> str:
-    row = jobs.new_row(user_id, {"kind": "echo", "model": model, "input": {"value": 1}, **req})
-    with db.transaction() as s:
-        jobs.insert_rows(s, [row])
-    return row["id"]
-
-
-def _own_queue() -> tuple[str, str]:
-    """A model name no other test uses, so this test's claims find only its own jobs."""
-    model = f"m{uuid.uuid4().hex[:8]}"
-    return model, registry.queue_name(model)
 
 
 def _status(job_id: str) -> tuple[str, int]:
@@ -47,8 +27,8 @@ def _status(job_id: str) -> tuple[str, int]:
 def test_plain_job_is_claimed_and_finished_in_one_statement_each(
     statements: list[str],
 ) -> None:
-    model, queue = _own_queue()
-    job_id = _queue_job(_user(), model)
+    model, queue = support.own_queue()
+    job_id = support.queue_job(support.create_user_id(), model)
     statements.clear()
 
     c = lease.claim(queue, "test-worker")
@@ -70,8 +50,8 @@ def test_plain_job_is_claimed_and_finished_in_one_statement_each(
 def test_plain_job_makes_no_orm_session() -> None:
     """A plain claim, renewal and finish run on a bare connection: making an ORM
     Session for a single statement cost more CPU than the statement itself."""
-    model, queue = _own_queue()
-    _queue_job(_user(), model)
+    model, queue = support.own_queue()
+    support.queue_job(support.create_user_id(), model)
     init = Session.__init__
     with mock.patch.object(Session, "__init__", autospec=True, side_effect=init) as made:
         c = lease.claim(queue, "test-worker")
@@ -82,9 +62,11 @@ def test_plain_job_makes_no_orm_session() -> None:
 
 
 def test_webhook_job_records_started_in_the_claims_transaction(statements: list[str]) -> None:
-    model, queue = _own_queue()
+    model, queue = support.own_queue()
     hook = "http://hooks.example/spool"
-    job_id = _queue_job(_user(), model, webhook=hook, webhook_events=["started", "completed"])
+    job_id = support.queue_job(
+        support.create_user_id(), model, webhook=hook, webhook_events=["started", "completed"]
+    )
     statements.clear()
 
     c = lease.claim(queue, "test-worker")
@@ -111,10 +93,10 @@ def test_webhook_job_records_started_in_the_claims_transaction(statements: list[
 
 
 def test_best_job_first_even_when_it_needs_a_transaction() -> None:
-    model, queue = _own_queue()
-    user_id = _user()
-    plain = _queue_job(user_id, model, priority="low")
-    hooked = _queue_job(user_id, model, priority="high", webhook="http://hooks.example/x")
+    model, queue = support.own_queue()
+    user_id = support.create_user_id()
+    plain = support.queue_job(user_id, model, priority="low")
+    hooked = support.queue_job(user_id, model, priority="high", webhook="http://hooks.example/x")
 
     first = lease.claim(queue, "test-worker")
     second = lease.claim(queue, "test-worker")

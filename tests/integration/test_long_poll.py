@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from spool import db, events, jobs, registry, users
+from spool import db, events, registry, users
+from tests import support
 from workers import lease
 
 # The job reads of the API (the first also checks the token's key).
@@ -37,11 +38,8 @@ def _user_and_auth(client: Any) -> tuple[str, dict[str, str]]:
 
 def _queued_job(user_id: str) -> tuple[str, str]:
     """A job on a queue of its own: no worker of the test platform takes it."""
-    queue = registry.queue_name(f"m{uuid.uuid4().hex[:8]}")
-    row = {**jobs.new_row(user_id, {"kind": "echo", "model": "echo", "input": {}}), "queue": queue}
-    with db.transaction() as s:
-        jobs.insert_rows(s, [row])
-    return row["id"], queue
+    model, queue = support.own_queue()
+    return support.queue_job(user_id, model, input={}), queue
 
 
 def _soon(action: Callable[[], None]) -> threading.Thread:

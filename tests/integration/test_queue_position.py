@@ -4,23 +4,17 @@ exact under priorities, cancels and starts."""
 from __future__ import annotations
 
 import random
-import uuid
 from typing import Any
 
 from sqlalchemy import text
 
-from spool import db, jobs, registry, users
-
-
-def _user() -> str:
-    with db.transaction() as s:
-        user, _ = users.create_user(s, f"u_{uuid.uuid4().hex[:8]}")
-    return user.id
+from spool import db, jobs
+from tests import support
 
 
 def _queue_jobs(user_id: str, priorities: list[str]) -> tuple[str, list[dict[str, Any]]]:
     """Jobs on a queue of their own (no worker takes them), in submit order."""
-    queue = registry.queue_name(f"m{uuid.uuid4().hex[:8]}")
+    _, queue = support.own_queue()
     rows = [
         {
             **jobs.new_row(user_id, {"kind": "echo", "model": "echo", "input": {}, "priority": p}),
@@ -47,7 +41,9 @@ def _position(job_id: str) -> int | None:
 
 def test_positions_follow_priority_then_submit_order(database_url: str) -> None:
     rnd = random.Random(7)
-    queue, rows = _queue_jobs(_user(), [rnd.choice(["high", "normal", "low"]) for _ in range(40)])
+    queue, rows = _queue_jobs(
+        support.create_user_id(), [rnd.choice(["high", "normal", "low"]) for _ in range(40)]
+    )
     gone = {r["id"] for r in rnd.sample(rows, 8)}  # canceled or started: no longer ahead
     with db.transaction() as s:
         s.execute(
