@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import Label
 
 from spool import bulk, db, dispatch, events, redisconn, registry, serialize, settings, users
 from spool.ids import new_id
-from spool.models import Job, User
+from spool.models import Job, User, queue_order
 from spool.states import PRIORITIES, RETRYABLE, Status
 
 CANCEL_KEY = "spool:cancel:{}"
@@ -133,14 +133,14 @@ def queued_count(session: Session, user_id: str) -> int:
     return session.connection().scalar(_QUEUED_OF_USER, {"user_id": user_id}) or 0
 
 
-# Jobs that start before this `jobs` row on its queue, counted on the partial index
-# ix_jobs_queued_order; only for a queued row (CASE evaluates its branches lazily). It
-# names the outer row `jobs`, so it serves a SELECT from jobs and an INSERT's RETURNING.
+# Jobs that start before this `jobs` row on its queue, counted on ix_jobs_queued_key
+# (an index-only scan that stops at this row: the cost is the jobs ahead, not the whole
+# queue); only for a queued row (CASE evaluates its branches lazily). It names the outer
+# row `jobs`, so it serves a SELECT from jobs and an INSERT's RETURNING.
 QUEUE_POSITION: Label[int] = literal_column(
     "CASE WHEN jobs.status = 'queued' THEN ("
     "SELECT count(*) FROM jobs AS ahead WHERE ahead.status = 'queued' "
-    "AND ahead.queue = jobs.queue "
-    "AND (ahead.priority_rank, ahead.seq) < (jobs.priority_rank, jobs.seq)) END"
+    f"AND ahead.queue = jobs.queue AND {queue_order('ahead')} < {queue_order('jobs')}) END"
 ).label("queue_position")
 # The columns under the ORM attribute names, so a row reads like a Job (`metadata_`).
 VIEW_COLUMNS = [c.label("metadata_") if c.name == "metadata" else c for c in JOBS.c]

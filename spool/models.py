@@ -53,6 +53,20 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+# A queued job's place in its queue as one number: priority first, then submit order (seq
+# stays far below the step). Indexed with the queue (ix_jobs_queued_key), it bounds the
+# index scans of the claim (the best job first) and of the queue-position count (the jobs
+# ahead, and no further): PostgreSQL does not bound a scan by a row comparison such as
+# `(priority_rank, seq) < (r, s)` past its first column.
+QUEUE_ORDER_STEP = 10**15
+
+
+def queue_order(alias: str = "") -> str:
+    """The SQL of the order key, on the `jobs` row named `alias` (or unqualified)."""
+    p = f"{alias}." if alias else ""
+    return f"({p}priority_rank::bigint * {QUEUE_ORDER_STEP} + {p}seq)"
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -96,10 +110,10 @@ class Job(Base):
         Index("ix_jobs_user_seq", "user_id", "seq"),
         Index("ix_jobs_batch", "batch_id", "seq"),
         Index(
-            "ix_jobs_queued_order",
+            "ix_jobs_queued_key",
             "queue",
-            "priority_rank",
-            "seq",
+            text(queue_order()),
+            postgresql_include=["priority_rank", "seq"],  # index-only counts
             postgresql_where=text("status = 'queued'"),
         ),
         Index("ix_jobs_user_queued", "user_id", postgresql_where=text("status = 'queued'")),

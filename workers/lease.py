@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from spool import db, events, lifecycle, metrics, settings
+from spool.models import queue_order
 from spool.serialize import iso
 from spool.states import Status
 
@@ -81,7 +82,7 @@ CLAIM_SQL = db.prepared(
         SELECT id, webhook IS NOT NULL AND webhook <> '' AS told FROM jobs
         WHERE queue = :queue AND status = 'queued' AND attempts < max_attempts
           AND (expires_at IS NULL OR expires_at > now())
-        ORDER BY priority_rank, seq
+        ORDER BY {queue_order()}
         LIMIT 1
         FOR UPDATE SKIP LOCKED
     ), taken AS (
