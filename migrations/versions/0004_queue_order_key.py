@@ -24,8 +24,11 @@ def upgrade() -> None:
     # PostgreSQL bounded the scans of ix_jobs_queued_order (queue, priority_rank, seq) by
     # `(priority_rank, seq) < (r, s)` on priority_rank alone: a job's queue position
     # walked every queued job of its rank, behind it too. Built concurrently: intake and
-    # claims go on meanwhile on a live database.
+    # claims go on meanwhile on a live database. A concurrent build that was interrupted
+    # leaves an invalid index behind; the revision is not recorded then, so a rerun drops
+    # it and builds again.
     with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_jobs_queued_key")
         op.create_index(
             "ix_jobs_queued_key",
             "jobs",
@@ -33,23 +36,18 @@ def upgrade() -> None:
             postgresql_include=["priority_rank", "seq"],
             postgresql_where=sa.text(QUEUED),
             postgresql_concurrently=True,
-            if_not_exists=True,
         )
-        op.drop_index(
-            "ix_jobs_queued_order", table_name="jobs", postgresql_concurrently=True, if_exists=True
-        )
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_jobs_queued_order")
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_jobs_queued_order")
         op.create_index(
             "ix_jobs_queued_order",
             "jobs",
             ["queue", "priority_rank", "seq"],
             postgresql_where=sa.text(QUEUED),
             postgresql_concurrently=True,
-            if_not_exists=True,
         )
-        op.drop_index(
-            "ix_jobs_queued_key", table_name="jobs", postgresql_concurrently=True, if_exists=True
-        )
+        op.execute("DROP INDEX CONCURRENTLY IF EXISTS ix_jobs_queued_key")
