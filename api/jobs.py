@@ -170,9 +170,8 @@ def create(req: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
         row = jobs.new_row(token.user_id, req)
         job = jobs.insert_checked(dbsession.connection(), row, token.key_id, cap)
         if job is None:
-            verified(
-                users.principal_for_key(dbsession.connection(), token.key_id)
-            )  # 401 if revoked
+            # 401 if the key was revoked or its user deleted, else the cap refused it.
+            verified(users.principal_for_key(dbsession.connection(), token.key_id))
             raise _too_many_queued(cap)
         # The INSERT found the key valid for this user; the rest of the request needs
         # only the user's id (the job is theirs, whatever their name or role).

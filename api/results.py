@@ -79,9 +79,10 @@ def _sse(event_id: str, type_: str, data: Any) -> str:
 
 
 def _current(job_id: str) -> dict[str, Any]:
-    # A short session of its own: a stream must not hold a connection while it waits.
-    with db.session() as s:
-        row = jobs.view_row(s.connection(), job_id)
+    # A short connection of its own (autocommit: one round trip, no Session): a stream
+    # must not hold a connection while it waits.
+    with db.autocommit_engine().connect() as conn:
+        row = jobs.view_row(conn, job_id)
         assert row is not None
         return serialize.job(row, row.queue_position)
 
