@@ -38,13 +38,15 @@ COALESCE_S = 0.02
 # close() waits at most this long for a job's events to be sent (Redis may be down).
 FLUSH_TIMEOUT_S = 5.0
 
+Event = tuple[str, str, dict[str, Any]]  # (job id, type, data)
+
 
 class Courier:
     """One thread per process that does the running jobs' reporting I/O, many jobs at once."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._events: list[tuple[str, str, dict[str, Any]]] = []
+        self._events: list[Event] = []
         self._progress: dict[str, tuple[lease.Claim, int, int]] = {}  # latest per job
         self._watched: dict[str, RunContext] = {}
         self._handed = 0  # items handed in so far
@@ -124,7 +126,7 @@ class Courier:
                 watched = list(self._watched.values())
                 handed = self._handed
             try:
-                events.publish_many(batch)  # in order, one round trip; never raises
+                events.publish_many(coalesce(batch))  # in order, one round trip; never raises
                 for claim, current, total in progress.values():
                     self._save_progress(claim, current, total)
                 now = time.monotonic()
@@ -142,6 +144,37 @@ class Courier:
             lease.progress(claim, current, total)
         except Exception as exc:  # progress is advisory: the job goes on
             log.warning("progress of %s not saved: %s", claim.job_id, exc)
+
+
+def coalesce(batch: list[Event]) -> list[Event]:
+    """One round's events, each job's reporting folded: its tokens become one token event
+    (their texts joined) and only its latest progress is kept, after them.
+
+    A text job reports a token and a progress at every decode step, a few milliseconds
+    apart: unfolded, a batch of 8 such jobs sent ~16 stream entries per step, each one
+    encoded, appended and read by every SSE client. A reader sees the same text and the
+    same latest progress, in fewer, larger events. Any other event of a job is a barrier:
+    nothing of it is moved across one.
+    """
+    out: list[Event | None] = []
+    token_at: dict[str, int] = {}  # job → index in `out` of its token event still growing
+    progress_at: dict[str, int] = {}  # job → index in `out` of its latest progress
+    for job_id, type_, data in batch:
+        if type_ == "token" and (i := token_at.get(job_id)) is not None:
+            text = cast(Event, out[i])[2]["text"] + data["text"]
+            out[i] = (job_id, type_, {**data, "text": text})
+            continue
+        if type_ == "token":
+            token_at[job_id] = len(out)
+        elif type_ == "progress":
+            if (i := progress_at.get(job_id)) is not None:
+                out[i] = None  # superseded by this one, which comes after the tokens
+            progress_at[job_id] = len(out)
+        else:
+            token_at.pop(job_id, None)
+            progress_at.pop(job_id, None)
+        out.append((job_id, type_, data))
+    return [item for item in out if item is not None]
 
 
 def _poll_cancel(watched: list[RunContext]) -> None:

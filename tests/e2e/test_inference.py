@@ -294,6 +294,11 @@ def _kinds(events: list[dict[str, Any]]) -> list[str]:
     return [e["event"] for e in events]
 
 
+def _increasing(progress: list[dict[str, Any]]) -> bool:
+    currents = [p["current"] for p in progress]
+    return currents == sorted(set(currents))
+
+
 def test_image_events_arrive_in_order_and_resume_after_last_event_id(
     owner: support.Api,
 ) -> None:
@@ -304,16 +309,17 @@ def test_image_events_arrive_in_order_and_resume_after_last_event_id(
     assert first["event"] == "status" and first["data"]["status"] in ("queued", "running")
     if rest[0]["event"] == "status":
         assert rest.pop(0)["data"]["status"] == "running"
+    # Steps closer together than the courier's round come folded: the latest one of each.
     progress = [e["data"] for e in rest if e["event"] == "progress"]
-    assert progress == [{"current": i, "total": 5} for i in range(1, 6)]
-    assert _kinds(rest) == ["progress"] * 5 + ["status", "done"]
+    assert _increasing(progress) and progress[-1] == {"current": 5, "total": 5}
+    assert _kinds(rest) == ["progress"] * len(progress) + ["status", "done"]
     assert rest[-2]["data"]["status"] == "succeeded" and rest[-1]["data"]["status"] == "succeeded"
     assert len({e["id"] for e in rest}) == len(rest)  # every event has its own id
 
     # A reconnect with Last-Event-ID gets what came after that event, and nothing before.
-    resumed = _sse(owner, job["id"], last_event_id=rest[1]["id"])  # after progress 2
-    assert [e["id"] for e in resumed] == [e["id"] for e in rest[2:]]
-    assert [e["data"] for e in resumed][:3] == progress[2:]
+    resumed = _sse(owner, job["id"], last_event_id=rest[0]["id"])  # after the first progress
+    assert [e["id"] for e in resumed] == [e["id"] for e in rest[1:]]
+    assert [e["data"] for e in resumed][: len(progress) - 1] == progress[1:]
     # A late client first gets the current state, then the end.
     late = _sse(owner, job["id"])
     assert _kinds(late) == ["status", "done"] and late[0]["data"]["status"] == "succeeded"
@@ -327,9 +333,9 @@ def test_text_events_stream_tokens_with_progress(owner: support.Api) -> None:
     # The finish records the last progress, however few writes the job made on the way.
     assert done["progress"] == {"current": 16, "total": 16, "fraction": 1.0}
     progress = [e["data"] for e in events if e["event"] == "progress"]
-    assert progress == [{"current": i, "total": 16} for i in range(1, 17)]
+    assert _increasing(progress) and progress[-1] == {"current": 16, "total": 16}
     tokens = [e["data"]["text"] for e in events if e["event"] == "token"]
-    assert len(tokens) > 1 and "".join(tokens) == done["output"]["text"]
+    assert tokens and "".join(tokens) == done["output"]["text"]
     kinds = _kinds(events)
     assert kinds[-2:] == ["status", "done"] and events[-1]["data"]["status"] == "succeeded"
     assert max(i for i, k in enumerate(kinds) if k in ("token", "progress")) < len(kinds) - 2
