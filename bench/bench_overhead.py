@@ -8,7 +8,7 @@
    the one-request client: POST with `Prefer: wait=30`, answered 200 with the result.
 2. Throughput: --clients closed-loop clients (submit, wait for the result, repeat) for
    --seconds with 1 and then 2 worker processes, against bare Celery with as many worker
-   processes (thread pool, same concurrency).
+   processes (thread pool, same concurrency). For reference, also the one-request client.
 3. Where the time goes: job-row timestamps split each job into API intake, queue,
    run and result-visible; CPU seconds per job of each process at full load; a cProfile
    of the API path (in-process Flask test client: no gunicorn, no HTTP parsing).
@@ -102,17 +102,21 @@ async def spool_sequential(url: str, token: str, n: int) -> list[Done]:
         await http.close()
 
 
-async def spool_prefer_wait(url: str, token: str, n: int) -> Latencies:
+async def spool_prefer_job(http: Http, value: int) -> None:
     """The one-request client: POST with `Prefer: wait=30`, answered 200 with the result."""
+    body = {**ECHO, "input": {"value": value}}
+    r = await http.request("POST", "/v1/jobs", body, headers={"Prefer": "wait=30"})
+    if r.status != 200:
+        raise HttpError(f"POST /v1/jobs with Prefer: wait answered {r.status}: {r.body[:200]!r}")
+
+
+async def spool_prefer_wait(url: str, token: str, n: int) -> Latencies:
     http = Http.for_url(url, token)
     lat = Latencies()
     try:
         for i in range(n):
             m0 = time.perf_counter()
-            body = {**ECHO, "input": {"value": i}}
-            r = await http.request("POST", "/v1/jobs", body, headers={"Prefer": "wait=30"})
-            if r.status != 200:
-                raise HttpError(f"POST /v1/jobs with Prefer: wait answered {r.status}")
+            await spool_prefer_job(http, i)
             lat.add(time.perf_counter() - m0)
         return lat
     finally:
@@ -120,13 +124,15 @@ async def spool_prefer_wait(url: str, token: str, n: int) -> Latencies:
 
 
 async def spool_throughput(
-    url: str, token: str, clients: int, seconds: float, meter: CpuMeter
+    url: str, token: str, clients: int, seconds: float, meter: CpuMeter, one_request: bool = False
 ) -> Throughput:
     """Closed loop: each client submits, waits for the result, repeats. The first
-    second warms up; the window after it is measured."""
+    second warms up; the window after it is measured. `one_request`: the client sends
+    one POST with `Prefer: wait` instead of a POST and a GET /result?wait."""
 
     async def job(http: Http, c: int, n: int) -> None:
-        await spool_job(http, c * 1_000_000 + n)
+        value = c * 1_000_000 + n
+        await (spool_prefer_job(http, value) if one_request else spool_job(http, value))
 
     done, errors, lat = await closed_loop(url, token, job, clients, seconds, meter, warm_s=1.0)
     return Throughput(done / seconds, done, errors, lat, meter.used)
@@ -420,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
         spool_tp: dict[int, Throughput] = {}
         bare_tp: dict[int, Throughput] = {}
+        prefer_tp: dict[int, Throughput] = {}  # for reference: the one-request client
         redis_pid = [plat.p.redis.process.pid]
         for n_workers in (1, 2):
             if n_workers == 2:
@@ -432,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
             spool_tp[n_workers].new_db_sessions = postgres_sessions(plat.database_url) - sessions
             bare_tp[n_workers] = bare.throughput(
                 args.clients, args.seconds, CpuMeter(lambda: {**bare.pids(), "redis": redis_pid})
+            )
+            prefer_tp[n_workers] = asyncio.run(
+                spool_throughput(
+                    plat.url, token, args.clients, args.seconds, CpuMeter(plat.pids), True
+                )
             )
         # The profile runs the API in this process; the workers would add Redis traffic.
         bare.close()
@@ -476,6 +488,17 @@ def main(argv: list[str] | None = None) -> int:
                 "",
             )
         )
+        one = prefer_tp[n]
+        tp_rows.append(tp_row(f"(for reference) {n}: Spool, one request (Prefer: wait)", one))
+        tp_rows.append(
+            (
+                f"(for reference) {n}: ratio one-request Spool / Celery",
+                ratio(one.jobs_s, b.jobs_s),
+                float("nan"),
+                float("nan"),
+                "",
+            )
+        )
     console.print(
         table(
             f"Throughput, {args.clients} closed-loop clients, {args.seconds:.0f} s window",
@@ -500,26 +523,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cpu_rows = []
-    components = sorted(set(spool_tp[1].cpu) | set(bare_tp[1].cpu))
-    for c in components:
-        cpu_rows.append(
-            (
-                c,
-                1000 * spool_tp[1].cpu.get(c, 0.0) / max(spool_tp[1].done, 1),
-                1000 * bare_tp[1].cpu.get(c, 0.0) / max(bare_tp[1].done, 1),
-            )
-        )
-    cpu_rows.append(
-        (
-            "total",
-            1000 * sum(spool_tp[1].cpu.values()) / max(spool_tp[1].done, 1),
-            1000 * sum(bare_tp[1].cpu.values()) / max(bare_tp[1].done, 1),
-        )
-    )
+    runs = (spool_tp[1], prefer_tp[1], bare_tp[1])
+    for c in sorted(set().union(*(t.cpu for t in runs))):
+        cpu_rows.append((c, *(1000 * t.cpu.get(c, 0.0) / max(t.done, 1) for t in runs)))
+    cpu_rows.append(("total", *(1000 * sum(t.cpu.values()) / max(t.done, 1) for t in runs)))
     console.print(
         table(
             "CPU per job at full load, 1 worker process (ms of CPU)",
-            ["process", "Spool", "bare Celery"],
+            ["process", "Spool", "Spool, one request", "bare Celery"],
             cpu_rows,
         )
     )
