@@ -69,6 +69,7 @@ class Run:
     errors: int
     p50_ms: float
     mean_batch: float
+    model_busy: float  # fraction of the wall time the model spent running batches
     cpu_ms_per_job: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -106,19 +107,27 @@ def registry_file(models_dir: Path, out: Path) -> Path:
     return out
 
 
-def microbatches(metrics_url: str, model: str) -> tuple[float, float]:
-    """(sum, count) of the worker's spool_microbatch_size histogram for `model`."""
-    total = count = 0.0
+@dataclass(frozen=True)
+class WorkerCounters:
+    """The worker's model counters for one model at one scrape."""
+
+    batched_jobs: float = 0.0  # spool_microbatch_size_sum
+    batches: float = 0.0  # spool_microbatch_size_count
+    busy_s: float = 0.0  # spool_model_busy_seconds_total
+    at: float = field(default_factory=time.monotonic)
+
+
+def worker_counters(metrics_url: str, model: str) -> WorkerCounters:
+    values: dict[str, float] = {}
     for family in text_string_to_metric_families(requests.get(metrics_url, timeout=10).text):
-        if family.name != "spool_microbatch_size":
-            continue
         for sample in family.samples:
             if sample.labels.get("model") == model:
-                if sample.name.endswith("_sum"):
-                    total = sample.value
-                elif sample.name.endswith("_count"):
-                    count = sample.value
-    return total, count
+                values[sample.name] = sample.value
+    return WorkerCounters(
+        values.get("spool_microbatch_size_sum", 0.0),
+        values.get("spool_microbatch_size_count", 0.0),
+        values.get("spool_model_busy_seconds_total", 0.0),
+    )
 
 
 def _answers(url: str) -> bool:
@@ -169,16 +178,18 @@ def measure(
     """Jobs/s of `model` in one window; CPU per job by process."""
     if first:  # load the model (a `-b1` twin loads on its first job), warm its kernels
         asyncio.run(run_clients(plat.url, token, model, kind, 2, 0.5, CpuMeter({}), warm_s=0.5))
-    before = microbatches(metrics_url, model)
+    before = worker_counters(metrics_url, model)
     meter = CpuMeter(plat.pids())
     done, errors, lat = asyncio.run(
         run_clients(plat.url, token, model, kind, clients, seconds, meter)
     )
-    after = microbatches(metrics_url, model)
-    batches = after[1] - before[1]
-    mean_batch = (after[0] - before[0]) / batches if batches else 1.0
+    after = worker_counters(metrics_url, model)
+    batches = after.batches - before.batches
+    mean_batch = (after.batched_jobs - before.batched_jobs) / batches if batches else 1.0
+    # Over the whole run, the clients' warm-up included (the scrapes bracket it).
+    busy = (after.busy_s - before.busy_s) / (after.at - before.at)
     cpu = {k: 1000 * v / max(done, 1) for k, v in meter.used.items()}
-    return Run(model, done / seconds, done, errors, lat.ms(50), mean_batch, cpu)
+    return Run(model, done / seconds, done, errors, lat.ms(50), mean_batch, busy, cpu)
 
 
 def merged(runs: list[Run]) -> Run:
@@ -196,6 +207,7 @@ def merged(runs: list[Run]) -> Run:
         sum(r.errors for r in runs),
         sorted(r.p50_ms for r in runs)[len(runs) // 2],
         sum(r.mean_batch * r.done for r in runs) / max(done, 1),
+        sum(r.model_busy for r in runs) / len(runs),  # windows of equal length
         cpu,
     )
 
@@ -356,13 +368,15 @@ def report(args: argparse.Namespace, runs: list[Run], var_dir: Path) -> list[dic
     )
     console.print(
         table(
-            "CPU per job (ms) by process during the platform windows",
-            ["run", *COMPONENTS, "total"],
+            "CPU per job (ms) by process during the platform windows; model busy: the "
+            "share of the wall time the model ran batches (spool_model_busy_seconds_total)",
+            ["run", *COMPONENTS, "total", "model busy"],
             [
                 (
                     r.model,
                     *(r.cpu_ms_per_job.get(k, 0.0) for k in COMPONENTS),
                     sum(r.cpu_ms_per_job.values()),
+                    f"{r.model_busy:.0%}" if r.model != "echo" else "-",
                 )
                 for r in runs
             ],

@@ -3,7 +3,9 @@
 #   docker-compose   validates compose.prod.yml offline (`docker-compose config` needs no engine;
 #                    PyPI's docker-compose no longer builds, Debian's still works)
 #   postgresql-client  pg_dump / pg_restore for docker/backup.sh
-# Idempotent: does nothing (and no apt-get update) when both tools are already on PATH.
+#   prometheus       for promtool: checks docker/alerts.yml and parses the dashboard's queries
+#                    (only the tool is used; no Prometheus server is started or needed)
+# Idempotent: does nothing (and no apt-get update) when all tools are already on PATH.
 # Without root (and no passwordless sudo) it prints what is missing and exits 0, so
 # `make` keeps going; the tests that need a missing tool skip and say why.
 set -euo pipefail
@@ -11,6 +13,7 @@ set -euo pipefail
 missing=()
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v pg_dump >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -18,6 +18,7 @@
 | spool_webhook_deliveries_total     | counter   | event, outcome      | webhook attempts          |
 | spool_webhook_delivery_seconds     | histogram |                     | one webhook HTTP attempt  |
 | spool_microbatch_size              | histogram | model               | jobs per micro-batch      |
+| spool_model_busy_seconds_total     | counter   | model               | seconds running batches   |
 | spool_model_load_seconds           | histogram | model               | model load time           |
 | spool_models_loaded                | gauge     | model               | processes holding it warm |
 | spool_gpu_memory_allocated_bytes   | gauge     | device              | torch.cuda allocated      |
@@ -156,6 +157,12 @@ MICROBATCH_SIZE = Histogram(
     "Jobs run together in one micro-batch.",
     ["model"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+MODEL_BUSY = Counter(
+    "spool_model_busy_seconds",
+    "Wall seconds a model spent running micro-batches. Its rate is how busy the model "
+    "kept its device: 1 per worker process is never idle; less, it waited for jobs.",
+    ["model"],
 )
 MODEL_LOAD_TIME = Histogram(
     "spool_model_load_seconds",
@@ -315,6 +322,7 @@ _DEFINED: tuple[Counter | Gauge | Histogram, ...] = (
     WEBHOOK_DELIVERIES,
     WEBHOOK_DURATION,
     MICROBATCH_SIZE,
+    MODEL_BUSY,
     MODEL_LOAD_TIME,
     MODELS_LOADED,
     GPU_MEMORY_ALLOCATED,

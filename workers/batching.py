@@ -129,7 +129,12 @@ class MicroBatcher:
         results: list[dict[str, Any] | BaseException]
         try:
             self.setup()
-            results = list(self.backend.predict([item.ctx for item in batch]))
+            started = time.perf_counter()
+            try:
+                results = list(self.backend.predict([item.ctx for item in batch]))
+            finally:
+                busy = time.perf_counter() - started
+                metrics.MODEL_BUSY.labels(self.backend.spec.name).inc(busy)
             if len(results) != len(batch):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} jobs")
         except BaseException as exc:  # raised in every caller of this batch, never lost

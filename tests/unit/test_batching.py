@@ -123,6 +123,31 @@ def _batch_size_sum() -> float:
     return value or 0.0
 
 
+def _busy_seconds() -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("spool_model_busy_seconds_total", {"model": "gated"})
+    return value or 0.0
+
+
+def test_counts_the_time_the_model_spends_in_predict(
+    gated: tuple[GatedBackend, MicroBatcher, Jobs],
+) -> None:
+    """spool_model_busy_seconds: the time inside predict, failed batches too; not the
+    time the batch thread waits for jobs."""
+    backend, _, jobs = gated
+    before = _busy_seconds()
+    _start_blocked(backend, jobs)
+    time.sleep(0.2)  # the model is busy with job 0
+    backend.gate.set()
+    jobs.join()
+    time.sleep(0.2)  # idle: waiting for jobs is not busy
+    jobs.submit(x=1, explode=True)  # a batch that raises is counted as well
+    assert isinstance(jobs.join()[1], RuntimeError)
+    busy = _busy_seconds() - before
+    assert 0.2 <= busy < 0.38  # counting the idle 0.2 s too would pass 0.4
+
+
 def test_keeps_incompatible_jobs_apart_in_arrival_order(
     gated: tuple[GatedBackend, MicroBatcher, Jobs],
 ) -> None:
