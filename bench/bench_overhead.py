@@ -474,31 +474,19 @@ def main(argv: list[str] | None = None) -> int:
     def tp_row(label: str, t: Throughput) -> tuple[object, ...]:
         return (label, t.jobs_s, t.latency.ms(50), t.latency.ms(99), t.errors)
 
+    def ratio_row(label: str, t: Throughput, celery: Throughput) -> tuple[object, ...]:
+        return (label, ratio(t.jobs_s, celery.jobs_s), float("nan"), float("nan"), "")
+
     tp_rows: list[tuple[object, ...]] = []
     for n in (1, 2):
-        s, b = spool_tp[n], bare_tp[n]
-        tp_rows.append(tp_row(f"{n} worker process(es): Spool", s))
-        tp_rows.append(tp_row(f"{n} worker process(es): bare Celery", b))
-        tp_rows.append(
-            (
-                f"{n} worker process(es): ratio Spool / Celery",
-                ratio(s.jobs_s, b.jobs_s),
-                float("nan"),
-                float("nan"),
-                "",
-            )
-        )
-        one = prefer_tp[n]
-        tp_rows.append(tp_row(f"(for reference) {n}: Spool, one request (Prefer: wait)", one))
-        tp_rows.append(
-            (
-                f"(for reference) {n}: ratio one-request Spool / Celery",
-                ratio(one.jobs_s, b.jobs_s),
-                float("nan"),
-                float("nan"),
-                "",
-            )
-        )
+        s, b, one = spool_tp[n], bare_tp[n], prefer_tp[n]
+        tp_rows += [
+            tp_row(f"{n} worker process(es): Spool", s),
+            tp_row(f"{n} worker process(es): bare Celery", b),
+            ratio_row(f"{n} worker process(es): ratio Spool / Celery", s, b),
+            tp_row(f"(for reference) {n}: Spool, one request (Prefer: wait)", one),
+            ratio_row(f"(for reference) {n}: ratio one-request Spool / Celery", one, b),
+        ]
     console.print(
         table(
             f"Throughput, {args.clients} closed-loop clients, {args.seconds:.0f} s window",
