@@ -3,7 +3,8 @@
 Each job runs in its own worker thread and calls `MicroBatcher.run(ctx)`, which blocks.
 One batch thread per model takes the oldest waiting job, gathers others with the same
 `backend.batch_key` for at most `wait_ms` (or until `max_batch_size`), runs them with
-one `backend.predict`, and hands every caller its own result or exception.
+one `backend.predict_each`, and hands every caller its own result or exception as soon
+as the backend has it.
 """
 
 from __future__ import annotations
@@ -126,26 +127,28 @@ class MicroBatcher:
     def _run(self, batch: list[_Waiting]) -> None:
         self.batch_sizes.append(len(batch))
         metrics.MICROBATCH_SIZE.labels(self.backend.spec.name).observe(len(batch))
-        results: list[dict[str, Any] | BaseException]
+
+        def deliver(index: int, result: dict[str, Any] | BaseException) -> None:
+            item = batch[index]
+            if not item.done.is_set():  # the first result of a job stands
+                item.result = result
+                item.done.set()  # its caller finishes the job while the batch goes on
+
         try:
             self.setup()
             started = time.perf_counter()
             try:
-                results = list(self.backend.predict([item.ctx for item in batch]))
+                self.backend.predict_each([item.ctx for item in batch], deliver)
             finally:
                 busy = time.perf_counter() - started
                 metrics.MODEL_BUSY.labels(self.backend.spec.name).inc(busy)
-            if len(results) != len(batch):
-                raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} jobs")
-        except BaseException as exc:  # raised in every caller of this batch, never lost
-            results = [exc] * len(batch)
-        self._deliver(batch, results)
-
-    @staticmethod
-    def _deliver(batch: list[_Waiting], results: list[dict[str, Any] | BaseException]) -> None:
-        for item, result in zip(batch, results, strict=True):
-            item.result = result
-            item.done.set()
+            if missing := sum(not item.done.is_set() for item in batch):
+                raise RuntimeError(f"backend gave no result for {missing} of {len(batch)} jobs")
+        except BaseException as exc:  # raised in every caller still waiting, never lost
+            for item in batch:
+                if not item.done.is_set():
+                    item.result = exc
+                    item.done.set()
 
 
 _batchers: dict[str, MicroBatcher] = {}

@@ -398,3 +398,17 @@ def test_torch_threads_setting(torch_one_thread: Any, monkeypatch: pytest.Monkey
         torch.set_num_threads(1)
         monkeypatch.undo()
         settings.get.cache_clear()
+
+
+def test_text_a_short_job_is_handed_over_when_its_row_ends(llm_backend: Any) -> None:
+    """A job's result leaves as soon as its row is done, not when the batch's longest is."""
+    jobs = [
+        {"prompt": "a long one", "seed": 1, "max_tokens": 40, "min_tokens": 40},
+        {"prompt": "a short one", "seed": 2, "max_tokens": 2, "min_tokens": 2},
+    ]
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
+    handed: list[tuple[int, int]] = []  # (job index, tokens the long job had made by then)
+    llm_backend.predict_each(ctxs, lambda i, result: handed.append((i, len(ctxs[0].tokens))))
+    assert [i for i, _ in handed] == [1, 0]
+    assert handed[0][1] < 10  # the long job was still early on when the short one left
+    assert llm_backend.predict(ctxs[1:])[0] == _alone(llm_backend, jobs[1])[0]

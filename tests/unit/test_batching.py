@@ -279,3 +279,64 @@ def test_real_llm_jobs_share_a_forward_pass(tiny_models: dict[str, Path]) -> Non
     assert sum(batcher.batch_sizes) == 6 and max(batcher.batch_sizes) >= 3
     for i, job_input in enumerate(inputs):
         assert results[i] == backend.predict([RecordingContext(dict(job_input))])[0]
+
+
+class OneByOneBackend(Backend):
+    """Hands the job with x=1 over at once, then holds the one with x=0 until the gate
+    opens; jobs whose x is in `drop` get no result at all."""
+
+    kind = "test.one-by-one"
+
+    def __init__(self, drop: tuple[int, ...] = ()) -> None:
+        super().__init__(ModelSpec(name="one-by-one", kind="echo"))
+        self.gate = threading.Event()
+        self.drop = drop
+
+    def setup(self) -> None:
+        pass
+
+    def predict(self, jobs: list[JobContext]) -> list[dict[str, Any] | BaseException]:
+        raise AssertionError("the batcher calls predict_each")
+
+    def predict_each(self, jobs: list[JobContext], deliver: Any) -> None:
+        assert len(jobs) == 2
+        index = {job.input["x"]: i for i, job in enumerate(jobs)}
+        if 1 not in self.drop:
+            deliver(index[1], {"y": 1})
+        self.gate.wait(10)
+        if 0 not in self.drop:
+            deliver(index[0], {"y": 0})
+
+
+def _run_pair(backend: OneByOneBackend) -> tuple[MicroBatcher, Jobs]:
+    # One batch of both: it gathers for up to 2 s, or until it has 2 jobs.
+    batcher = MicroBatcher(backend, max_batch_size=2, wait_ms=2000)
+    jobs = Jobs(batcher)
+    jobs.submit(x=0)
+    jobs.submit(x=1)
+    return batcher, jobs
+
+
+def test_a_job_handed_over_early_returns_while_its_batch_goes_on() -> None:
+    backend = OneByOneBackend()
+    batcher, jobs = _run_pair(backend)
+    try:
+        deadline = time.monotonic() + 5
+        while 1 not in jobs.results:
+            assert time.monotonic() < deadline, "job 1 was held until the batch ended"
+            time.sleep(0.005)
+        assert jobs.results == {1: {"y": 1}}  # job 0 is still in the batch
+    finally:
+        backend.gate.set()
+    assert jobs.join() == {0: {"y": 0}, 1: {"y": 1}}
+    batcher.close()
+
+
+def test_a_job_the_backend_gave_no_result_fails_alone() -> None:
+    backend = OneByOneBackend(drop=(0,))
+    backend.gate.set()
+    batcher, jobs = _run_pair(backend)
+    results = jobs.join()
+    batcher.close()
+    assert results[1] == {"y": 1}
+    assert isinstance(results[0], RuntimeError) and "no result for 1 of 2" in str(results[0])

@@ -8,7 +8,7 @@ tokens and cancel go through each job's `JobContext`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar, Protocol
 
 from spool.registry import ModelSpec
@@ -68,6 +68,19 @@ class Backend(ABC):
     @abstractmethod
     def predict(self, jobs: list[JobContext]) -> list[dict[str, Any] | BaseException]:
         """Run a batch; one output dict or exception per job, in order."""
+
+    def predict_each(
+        self, jobs: list[JobContext], deliver: Callable[[int, dict[str, Any] | BaseException], None]
+    ) -> None:
+        """Run a batch, handing each job's result to `deliver(index, result)` as soon as it
+        is known. By default all at once, after `predict`; a backend whose jobs end at
+        different times (texts of different lengths) hands each over when it ends, so that
+        no job waits for the longest one of its batch."""
+        results = self.predict(jobs)
+        if len(results) != len(jobs):
+            raise RuntimeError(f"backend returned {len(results)} results for {len(jobs)} jobs")
+        for index, result in enumerate(results):
+            deliver(index, result)
 
 
 _REGISTRY: dict[str, type[Backend]] = {}

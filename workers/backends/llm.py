@@ -3,12 +3,14 @@
 `generate()` shares one sampler, one streamer and one stop rule across a batch, so this
 backend runs its own decode loop over a KV cache: each row has its own seeded
 generator, temperature, top_p, stop strings, token stream and cancel. Rows that finish
-leave the batch (their cache rows are dropped), so the rest run at the smaller size.
+leave the batch (their cache rows are dropped), so the rest run at the smaller size, and
+their jobs end there and then (`predict_each`), not with the batch's longest row.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,12 @@ class _Row:
     read_offset: int = 0
     finish: str | None = None
     result: Result | None = None
+    delivered: bool = False
+
+
+def _hand_over(row: _Row, deliver: Callable[[int, Result], None]) -> None:
+    row.delivered = True
+    deliver(row.index, row.result if row.result is not None else RuntimeError("job was not run"))
 
 
 @register
@@ -86,25 +94,35 @@ class LLMBackend(Backend):
         return None  # sampling settings are per row: any two text jobs can share a batch
 
     def predict(self, jobs: list[JobContext]) -> list[Result]:
+        results: list[Result | None] = [None] * len(jobs)
+
+        def keep(index: int, result: Result) -> None:
+            results[index] = result
+
+        self.predict_each(jobs, keep)
+        return [r if r is not None else RuntimeError("job was not run") for r in results]
+
+    def predict_each(self, jobs: list[JobContext], deliver: Callable[[int, Result], None]) -> None:
+        """Each job's result goes to `deliver` as its row ends: a short text is not held
+        until the longest text of its batch is done."""
         if self.model is None:
             raise RuntimeError("LLMBackend.predict called before setup()")
-        results: list[Result | None] = [None] * len(jobs)
         rows: list[_Row] = []
         for index, ctx in enumerate(jobs):
             try:
                 rows.append(self._row(index, ctx))
             except hf.InvalidInput as exc:
-                results[index] = exc
+                deliver(index, exc)
         with self._lock, torch.inference_mode():
             try:
-                self._decode(rows)
+                self._decode(rows, deliver)
             except Exception as exc:  # e.g. out of memory: rows still running fail with it
                 for row in rows:
                     if row.result is None:
                         row.result = exc
-        for row in rows:
-            results[row.index] = row.result
-        return [r if r is not None else RuntimeError("job was not run") for r in results]
+        for row in rows:  # whatever the loop did not hand over (it failed midway)
+            if not row.delivered:
+                _hand_over(row, deliver)
 
     # --- inputs -------------------------------------------------------------------
     def _row(self, index: int, ctx: JobContext) -> _Row:
@@ -168,10 +186,15 @@ class LLMBackend(Backend):
         return list(self.tokenizer(prompt).input_ids)
 
     # --- the decode loop ----------------------------------------------------------
-    def _decode(self, rows: list[_Row]) -> None:
+    def _decode(self, rows: list[_Row], deliver: Callable[[int, Result], None]) -> None:
         from transformers import DynamicCache
 
-        active = [row for row in rows if not self._stopped(row)]
+        active = []
+        for row in rows:
+            if self._stopped(row):
+                _hand_over(row, deliver)
+            else:
+                active.append(row)
         if not active:
             return
         width = max(len(row.prompt_ids) for row in active)
@@ -189,7 +212,12 @@ class LLMBackend(Backend):
         last = positions[:, -1]
         while True:
             next_ids = self._sample(logits, active)
-            keep = [i for i, row in enumerate(active) if not self._accept(row, next_ids[i])]
+            keep = []
+            for i, row in enumerate(active):
+                if self._accept(row, next_ids[i]):
+                    _hand_over(row, deliver)  # its job finishes while the others go on
+                else:
+                    keep.append(i)
             if not keep:
                 return
             if len(keep) < len(active):
