@@ -15,7 +15,8 @@ platform gives its ceiling: jobs/s with no model work at all.
 The same backend (`predict`, what the worker runs) and the library pipeline are then
 called directly in this process (bench/bench_inference_direct.py), one torch thread on
 both sides, at batch 1 and at the batch size the platform's worker actually ran (its
-/metrics `spool_microbatch_size`).
+/metrics: rows per forward pass for text models, whose running batches take in jobs,
+`spool_microbatch_size` for images).
 
 Targets (the issue): micro-batching >= 2.5x the unbatched throughput for tiny-llm; the
 platform >= 80% of the direct call's throughput at the same batch size.
@@ -114,6 +115,8 @@ class WorkerCounters:
     batched_jobs: float = 0.0  # spool_microbatch_size_sum
     batches: float = 0.0  # spool_microbatch_size_count
     busy_s: float = 0.0  # spool_model_busy_seconds_total
+    steps: float = 0.0  # spool_model_steps_total (text models)
+    step_rows: float = 0.0  # spool_model_step_rows_total
     at: float = field(default_factory=time.monotonic)
 
 
@@ -127,6 +130,8 @@ def worker_counters(metrics_url: str, model: str) -> WorkerCounters:
         values.get("spool_microbatch_size_sum", 0.0),
         values.get("spool_microbatch_size_count", 0.0),
         values.get("spool_model_busy_seconds_total", 0.0),
+        values.get("spool_model_steps_total", 0.0),
+        values.get("spool_model_step_rows_total", 0.0),
     )
 
 
@@ -186,6 +191,8 @@ def measure(
     after = worker_counters(metrics_url, model)
     batches = after.batches - before.batches
     mean_batch = (after.batched_jobs - before.batched_jobs) / batches if batches else 1.0
+    if steps := after.steps - before.steps:  # jobs join a text model's running batch
+        mean_batch = (after.step_rows - before.step_rows) / steps  # rows per forward pass
     # Over the whole run, the clients' warm-up included (the scrapes bracket it).
     busy = (after.busy_s - before.busy_s) / (after.at - before.at)
     cpu = {k: 1000 * v / max(done, 1) for k, v in meter.used.items()}

@@ -17,8 +17,11 @@
 | spool_jobs_expired_total           | counter   | model               | ttl_s ran out in queue    |
 | spool_webhook_deliveries_total     | counter   | event, outcome      | webhook attempts          |
 | spool_webhook_delivery_seconds     | histogram |                     | one webhook HTTP attempt  |
-| spool_microbatch_size              | histogram | model               | jobs per micro-batch      |
+| spool_microbatch_size              | histogram | model               | jobs starting a batch     |
+| spool_microbatch_joined_total      | counter   | model               | jobs joining a running one|
 | spool_model_busy_seconds_total     | counter   | model               | seconds running batches   |
+| spool_model_steps_total            | counter   | model               | text model forward passes |
+| spool_model_step_rows_total        | counter   | model               | jobs in those passes      |
 | spool_model_load_seconds           | histogram | model               | model load time           |
 | spool_models_loaded                | gauge     | model               | processes holding it warm |
 | spool_gpu_memory_allocated_bytes   | gauge     | device              | torch.cuda allocated      |
@@ -158,10 +161,27 @@ MICROBATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
 )
+MICROBATCH_JOINED = Counter(
+    "spool_microbatch_joined",
+    "Jobs that joined a micro-batch already running (a text model's decode loop takes "
+    "them between two steps); spool_microbatch_size counts those it started with.",
+    ["model"],
+)
 MODEL_BUSY = Counter(
     "spool_model_busy_seconds",
     "Wall seconds a model spent running micro-batches. Its rate is how busy the model "
     "kept its device: 1 per worker process is never idle; less, it waited for jobs.",
+    ["model"],
+)
+MODEL_STEPS = Counter(
+    "spool_model_steps",
+    "Forward passes of a text model (a prompt's prefill or one decode step of its batch).",
+    ["model"],
+)
+MODEL_STEP_ROWS = Counter(
+    "spool_model_step_rows",
+    "Jobs in those forward passes: over spool_model_steps_total, the batch size a text "
+    "model really ran (jobs join and leave a decode loop between steps).",
     ["model"],
 )
 MODEL_LOAD_TIME = Histogram(
@@ -322,7 +342,10 @@ _DEFINED: tuple[Counter | Gauge | Histogram, ...] = (
     WEBHOOK_DELIVERIES,
     WEBHOOK_DURATION,
     MICROBATCH_SIZE,
+    MICROBATCH_JOINED,
     MODEL_BUSY,
+    MODEL_STEPS,
+    MODEL_STEP_ROWS,
     MODEL_LOAD_TIME,
     MODELS_LOADED,
     GPU_MEMORY_ALLOCATED,

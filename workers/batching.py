@@ -24,6 +24,10 @@ from workers.backends.base import Backend, JobContext
 
 log = logging.getLogger("spool.batching")
 
+# A batch that keeps taking in jobs (a decode loop) adds to spool_model_busy_seconds this
+# often while it runs, not only at its end.
+BUSY_COUNT_EVERY_S = 1.0
+
 
 @dataclass(eq=False)
 class _Waiting:
@@ -125,8 +129,16 @@ class MicroBatcher:
             return batch
 
     def _run(self, batch: list[_Waiting]) -> None:
+        name = self.backend.spec.name
         self.batch_sizes.append(len(batch))
-        metrics.MICROBATCH_SIZE.labels(self.backend.spec.name).observe(len(batch))
+        metrics.MICROBATCH_SIZE.labels(name).observe(len(batch))
+        counted = time.perf_counter()  # the model's busy time is counted up to here
+
+        def count_busy() -> None:
+            nonlocal counted
+            now = time.perf_counter()
+            metrics.MODEL_BUSY.labels(name).inc(now - counted)
+            counted = now
 
         def deliver(index: int, result: dict[str, Any] | BaseException) -> None:
             item = batch[index]
@@ -134,14 +146,31 @@ class MicroBatcher:
                 item.result = result
                 item.done.set()  # its caller finishes the job while the batch goes on
 
+        def admit(running: int) -> list[tuple[int, JobContext]]:
+            # Called between two steps of a running batch, which may go on for long while
+            # jobs keep joining: its busy time is counted as it goes.
+            if time.perf_counter() - counted >= BUSY_COUNT_EVERY_S:
+                count_busy()
+            room = self.max_batch_size - running
+            if room <= 0 or not self._waiting:  # a glance without the lock: most steps
+                return []
+            with self._cond:
+                joining = [item for item in self._waiting if item.key == batch[0].key][:room]
+                for item in joining:
+                    self._waiting.remove(item)
+            first = len(batch)
+            batch.extend(joining)
+            self.batch_sizes[-1] = len(batch)
+            metrics.MICROBATCH_JOINED.labels(name).inc(len(joining))
+            return [(first + i, item.ctx) for i, item in enumerate(joining)]
+
         try:
             self.setup()
-            started = time.perf_counter()
+            counted = time.perf_counter()
             try:
-                self.backend.predict_each([item.ctx for item in batch], deliver)
+                self.backend.predict_each([item.ctx for item in batch], deliver, admit)
             finally:
-                busy = time.perf_counter() - started
-                metrics.MODEL_BUSY.labels(self.backend.spec.name).inc(busy)
+                count_busy()
             if missing := sum(not item.done.is_set() for item in batch):
                 raise RuntimeError(f"backend gave no result for {missing} of {len(batch)} jobs")
         except BaseException as exc:  # raised in every caller still waiting, never lost

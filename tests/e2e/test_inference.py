@@ -261,6 +261,40 @@ def test_text_same_seed_same_text_alone_and_batched(
     assert len({d["output"]["text"] for d in done}) > 1
 
 
+def test_a_text_job_joins_a_running_batch_and_ends_on_its_own(
+    plat: InferencePlatform, owner: support.Api
+) -> None:
+    """A short job submitted while a long one decodes does not wait for it: it joins the
+    running decode loop and ends first, with the text it makes alone."""
+    story = {"prompt": "Tell a long story", "max_tokens": 512, "min_tokens": 512, "seed": 1}
+    long = owner.submit(**_text(story))
+    # In the decode loop, past the batch's gathering: its progress is being written.
+    support.wait_until(
+        lambda: owner.get(f"/v1/jobs/{long['id']}").json()["progress"] is not None,
+        timeout=60,
+        every=0.02,
+        what="the long job decoding",
+    )
+    short_job = _text({"prompt": "Hi", "max_tokens": 4, "min_tokens": 4, "seed": 2})
+    joined = _joined_so_far(plat)
+    short = owner.wait(owner.submit(**short_job)["id"])
+    assert short["status"] == "succeeded"
+    assert _joined_so_far(plat) == joined + 1
+    done = owner.wait(long["id"], timeout=120)
+    assert done["status"] == "succeeded" and done["finished_at"] > short["finished_at"]
+    assert short["output"] == _run(owner, short_job)["output"]  # alone, later
+
+
+def _joined_so_far(plat: InferencePlatform) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(requests.get(plat.metrics_url, timeout=10).text):
+        for s in family.samples:
+            if s.name == "spool_microbatch_joined_total" and s.labels.get("model") == "tiny-llm":
+                return s.value
+    return 0.0
+
+
 # --- events -----------------------------------------------------------------------------
 
 

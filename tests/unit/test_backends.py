@@ -412,3 +412,44 @@ def test_text_a_short_job_is_handed_over_when_its_row_ends(llm_backend: Any) -> 
     assert [i for i, _ in handed] == [1, 0]
     assert handed[0][1] < 10  # the long job was still early on when the short one left
     assert llm_backend.predict(ctxs[1:])[0] == _alone(llm_backend, jobs[1])[0]
+
+
+def test_text_jobs_join_a_running_decode_loop_and_get_what_they_would_alone(
+    llm_backend: Any,
+) -> None:
+    """Jobs admitted between two steps: one whose prompt is longer than everything the
+    running row has (its cache is padded to fit), a sampled and a greedy one, and a bad
+    input. Each joined job ends on its own, with the text it makes alone; the running
+    job's text is untouched by them."""
+    first = {"prompt": "a", "seed": 1, "max_tokens": 40, "min_tokens": 40, "temperature": 1.1}
+    joining = {
+        3: {
+            "prompt": "The queue holds jobs for the model, " * 3,
+            "seed": 7,
+            "max_tokens": 6,
+            "min_tokens": 6,
+            "temperature": 1.3,
+        },
+        8: {"prompt": "Hello there", "max_tokens": 5, "min_tokens": 5, "temperature": 0},
+        9: {"prompt": ""},  # a bad input fails alone
+    }
+    ctxs = [RecordingContext(dict(first), job_id="job_0")]
+    calls: list[int] = []
+
+    def admit(running: int) -> list[tuple[int, JobContext]]:
+        calls.append(running)
+        job = joining.get(len(calls))
+        if job is None:
+            return []
+        ctxs.append(RecordingContext(dict(job), job_id=f"job_{len(ctxs)}"))
+        return [(len(ctxs) - 1, ctxs[-1])]
+
+    handed: dict[int, Any] = {}
+    llm_backend.predict_each(ctxs[:1], lambda i, result: handed.setdefault(i, result), admit)
+    assert list(handed)[-1] == 0  # the joined jobs ended first, each on its own
+    assert calls[:3] == [1, 1, 1] and 2 in calls  # one row ran, then two
+    assert isinstance(handed[3], ValueError)
+    assert handed[0] == _alone(llm_backend, first)[0]
+    for i, job in ((1, joining[3]), (2, joining[8])):
+        assert handed[i] == _alone(llm_backend, job)[0]
+        assert "".join(ctxs[i].tokens) == handed[i]["text"]

@@ -298,7 +298,7 @@ class OneByOneBackend(Backend):
     def predict(self, jobs: list[JobContext]) -> list[dict[str, Any] | BaseException]:
         raise AssertionError("the batcher calls predict_each")
 
-    def predict_each(self, jobs: list[JobContext], deliver: Any) -> None:
+    def predict_each(self, jobs: list[JobContext], deliver: Any, admit: Any = None) -> None:
         assert len(jobs) == 2
         index = {job.input["x"]: i for i, job in enumerate(jobs)}
         if 1 not in self.drop:
@@ -340,3 +340,71 @@ def test_a_job_the_backend_gave_no_result_fails_alone() -> None:
     batcher.close()
     assert results[1] == {"y": 1}
     assert isinstance(results[0], RuntimeError) and "no result for 1 of 2" in str(results[0])
+
+
+class JoiningBackend(Backend):
+    """A decode loop stand-in: runs until `stop`, taking in jobs through `admit` at every
+    step, then hands every job over (doubled)."""
+
+    kind = "test.joining"
+
+    def __init__(self) -> None:
+        super().__init__(ModelSpec(name="joining", kind="echo"))
+        self.stop = threading.Event()
+        self.running = 0
+        self.batches: list[list[int]] = []
+
+    def setup(self) -> None:
+        pass
+
+    def batch_key(self, job_input: dict[str, Any]) -> Hashable:
+        return job_input.get("group")
+
+    def predict(self, jobs: list[JobContext]) -> list[dict[str, Any] | BaseException]:
+        raise AssertionError("the batcher calls predict_each")
+
+    def predict_each(self, jobs: list[JobContext], deliver: Any, admit: Any = None) -> None:
+        rows = list(enumerate(jobs))
+        while True:
+            self.running = len(rows)
+            if self.stop.is_set():
+                break
+            rows += admit(len(rows))
+            time.sleep(0.002)
+        self.batches.append(sorted(ctx.input["x"] for _, ctx in rows))
+        for index, ctx in rows:
+            deliver(index, {"y": 2 * ctx.input["x"]})
+
+
+def _joined(model: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("spool_microbatch_joined_total", {"model": model}) or 0.0
+
+
+def test_compatible_jobs_join_a_running_batch_up_to_its_size() -> None:
+    backend = JoiningBackend()
+    batcher = MicroBatcher(backend, max_batch_size=3, wait_ms=1)
+    jobs = Jobs(batcher)
+    joined = _joined("joining")
+    try:
+        jobs.submit(x=0)
+        deadline = time.monotonic() + 5
+        while backend.running != 1:
+            assert time.monotonic() < deadline, "the batch did not start"
+            time.sleep(0.002)
+        for x, group in ((1, None), (2, "b"), (3, None), (4, None)):
+            jobs.submit(x=x, group=group)
+        while backend.running != 3:
+            assert time.monotonic() < deadline, "jobs did not join the running batch"
+            time.sleep(0.002)
+        time.sleep(0.05)  # more steps: still no room for job 4, and job 2 does not fit
+        assert backend.running == 3 and batcher.pending() == 2
+    finally:
+        backend.stop.set()
+    assert jobs.join() == {x: {"y": 2 * x} for x in range(5)}
+    batcher.close()
+    # 0 started it and two of 1, 3, 4 joined (2 is of another group); the rest ran later.
+    assert list(batcher.batch_sizes) == [3, 1, 1]
+    assert backend.batches[0][0] == 0 and 2 not in backend.batches[0]
+    assert _joined("joining") == joined + 2

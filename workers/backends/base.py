@@ -47,6 +47,11 @@ class JobContext(Protocol):
         ...
 
 
+Result = dict[str, Any] | BaseException
+Deliver = Callable[[int, Result], None]  # (index of the job in the batch, its result)
+Admit = Callable[[int], list[tuple[int, JobContext]]]  # rows running → jobs joining
+
+
 class Backend(ABC):
     kind: ClassVar[str]
     # A model on a device runs one batch at a time per process (through its micro-batcher,
@@ -70,12 +75,16 @@ class Backend(ABC):
         """Run a batch; one output dict or exception per job, in order."""
 
     def predict_each(
-        self, jobs: list[JobContext], deliver: Callable[[int, dict[str, Any] | BaseException], None]
+        self, jobs: list[JobContext], deliver: Deliver, admit: Admit | None = None
     ) -> None:
         """Run a batch, handing each job's result to `deliver(index, result)` as soon as it
         is known. By default all at once, after `predict`; a backend whose jobs end at
         different times (texts of different lengths) hands each over when it ends, so that
-        no job waits for the longest one of its batch."""
+        no job waits for the longest one of its batch.
+
+        `admit(running)`: for a backend that can take jobs into a batch already running (a
+        decode loop), the jobs that arrived since, with their indices, to fill it up from
+        `running` rows; they are delivered like the others. The default takes none."""
         results = self.predict(jobs)
         if len(results) != len(jobs):
             raise RuntimeError(f"backend returned {len(results)} results for {len(jobs)} jobs")

@@ -10,17 +10,15 @@ their jobs end there and then (`predict_each`), not with the batch's longest row
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from spool import metrics
 from spool.registry import ModelSpec
 from workers.backends import hf
-from workers.backends.base import Backend, JobContext, register
-
-Result = dict[str, Any] | BaseException
+from workers.backends.base import Admit, Backend, Deliver, JobContext, Result, register
 
 
 @dataclass
@@ -44,9 +42,32 @@ class _Row:
     delivered: bool = False
 
 
-def _hand_over(row: _Row, deliver: Callable[[int, Result], None]) -> None:
+def _hand_over(row: _Row, deliver: Deliver) -> None:
     row.delivered = True
     deliver(row.index, row.result if row.result is not None else RuntimeError("job was not run"))
+
+
+def _merge(
+    cache: Any,
+    mask: torch.Tensor,
+    last: torch.Tensor,
+    other: Any,
+    mask2: torch.Tensor,
+    last2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append `other`'s rows to `cache` (in place), both left-padded to the longer one:
+    a row attends to its own tokens only (the mask), and its positions are its own
+    (`last`), so the padding changes nothing it sees. Returns the merged mask and last."""
+    width = max(mask.shape[1], mask2.shape[1])
+
+    def left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+        pad = [0, 0] * (dim_from_end - 1) + [width - t.shape[-dim_from_end], 0]
+        return torch.nn.functional.pad(t, pad)
+
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        mine.keys = torch.cat([left(mine.keys, 2), left(theirs.keys, 2)])
+        mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
+    return torch.cat([left(mask, 1), left(mask2, 1)]), torch.cat([last, last2])
 
 
 @register
@@ -102,9 +123,13 @@ class LLMBackend(Backend):
         self.predict_each(jobs, keep)
         return [r if r is not None else RuntimeError("job was not run") for r in results]
 
-    def predict_each(self, jobs: list[JobContext], deliver: Callable[[int, Result], None]) -> None:
+    def predict_each(
+        self, jobs: list[JobContext], deliver: Deliver, admit: Admit | None = None
+    ) -> None:
         """Each job's result goes to `deliver` as its row ends: a short text is not held
-        until the longest text of its batch is done."""
+        until the longest text of its batch is done. With `admit`, jobs arriving while
+        the batch runs join it between two decode steps, up to max_batch_size rows: a
+        job does not wait for a running batch to end either."""
         if self.model is None:
             raise RuntimeError("LLMBackend.predict called before setup()")
         rows: list[_Row] = []
@@ -115,7 +140,7 @@ class LLMBackend(Backend):
                 deliver(index, exc)
         with self._lock, torch.inference_mode():
             try:
-                self._decode(rows, deliver)
+                self._decode(rows, deliver, admit)
             except Exception as exc:  # e.g. out of memory: rows still running fail with it
                 for row in rows:
                     if row.result is None:
@@ -186,17 +211,70 @@ class LLMBackend(Backend):
         return list(self.tokenizer(prompt).input_ids)
 
     # --- the decode loop ----------------------------------------------------------
-    def _decode(self, rows: list[_Row], deliver: Callable[[int, Result], None]) -> None:
-        from transformers import DynamicCache
+    def _decode(self, rows: list[_Row], deliver: Deliver, admit: Admit | None = None) -> None:
+        """Decode `rows` together until each is done. With `admit`, jobs that arrive
+        meanwhile join the running loop between two steps (`rows` gets them too)."""
+        from transformers.cache_utils import DynamicLayer
 
+        active = self._runnable(rows, deliver)
+        if not active:
+            return
+        cache, mask, last, logits = self._prefill(active)
+        # Joining needs the cache's plain tensors (sliding-window and other layers differ).
+        joinable = admit is not None and all(type(x) is DynamicLayer for x in cache.layers)
+        while True:
+            active, mask, last = self._take_tokens(logits, active, cache, mask, last, deliver)
+            if not active:
+                return
+            if joinable and admit is not None:
+                joined = self._join(admit, len(active), rows, deliver)
+                if joined is not None:
+                    mask, last = _merge(cache, mask, last, *joined[1:])
+                    active += joined[0]
+            step_ids = torch.tensor([[row.ids[-1]] for row in active], device=self.device)
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            last = last + 1
+            logits = self._forward(step_ids, mask, last[:, None], cache)
+
+    def _take_tokens(
+        self,
+        logits: torch.Tensor,
+        active: list[_Row],
+        cache: Any,
+        mask: torch.Tensor,
+        last: torch.Tensor,
+        deliver: Deliver,
+    ) -> tuple[list[_Row], torch.Tensor, torch.Tensor]:
+        """Every row takes its next token; a finished row is handed over (its job ends
+        while the others go on) and leaves the cache. Returns the rows still running with
+        their mask and last positions (the cache is changed in place)."""
+        next_ids = self._sample(logits, active)
+        keep = []
+        for i, row in enumerate(active):
+            if self._accept(row, next_ids[i]):
+                _hand_over(row, deliver)
+            else:
+                keep.append(i)
+        if keep and len(keep) < len(active):
+            kept = torch.tensor(keep, device=self.device)
+            cache.reorder_cache(kept)
+            mask, last = mask[kept], last[kept]
+        return [active[i] for i in keep], mask, last
+
+    def _runnable(self, rows: list[_Row], deliver: Deliver) -> list[_Row]:
+        """The rows to decode; one stopped already (canceled, timed out) is handed over."""
         active = []
         for row in rows:
             if self._stopped(row):
                 _hand_over(row, deliver)
             else:
                 active.append(row)
-        if not active:
-            return
+        return active
+
+    def _prefill(self, active: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the prompts: (cache, attention mask, each row's last position, logits)."""
+        from transformers import DynamicCache
+
         width = max(len(row.prompt_ids) for row in active)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(active), width), pad, dtype=torch.long)
@@ -209,30 +287,34 @@ class LLMBackend(Backend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache: Any = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, positions, cache)
-        last = positions[:, -1]
-        while True:
-            next_ids = self._sample(logits, active)
-            keep = []
-            for i, row in enumerate(active):
-                if self._accept(row, next_ids[i]):
-                    _hand_over(row, deliver)  # its job finishes while the others go on
-                else:
-                    keep.append(i)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=self.device)
-                cache.reorder_cache(index)
-                mask, last = mask[index], last[index]
-                active = [active[i] for i in keep]
-            step_ids = torch.tensor([[row.ids[-1]] for row in active], device=self.device)
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-            last = last + 1
-            logits = self._forward(step_ids, mask, last[:, None], cache)
+        return cache, mask, positions[:, -1], logits
+
+    def _join(
+        self, admit: Admit, running: int, rows: list[_Row], deliver: Deliver
+    ) -> tuple[list[_Row], Any, torch.Tensor, torch.Tensor] | None:
+        """Jobs that arrived while the loop ran, prefilled and given their first token:
+        (their rows still running, their cache, mask and last positions), or None."""
+        fresh = []
+        for index, ctx in admit(running):
+            try:
+                row = self._row(index, ctx)
+            except hf.InvalidInput as exc:
+                deliver(index, exc)
+                continue
+            rows.append(row)
+            fresh.append(row)
+        active = self._runnable(fresh, deliver)
+        if not active:
+            return None
+        cache, mask, last, logits = self._prefill(active)
+        active, mask, last = self._take_tokens(logits, active, cache, mask, last, deliver)
+        return (active, cache, mask, last) if active else None
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
     ) -> torch.Tensor:
+        metrics.MODEL_STEPS.labels(self.spec.name).inc()
+        metrics.MODEL_STEP_ROWS.labels(self.spec.name).inc(ids.shape[0])
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
