@@ -45,6 +45,7 @@ from bench.common import (
     Http,
     HttpError,
     Latencies,
+    answers,
     closed_loop,
     header,
     login,
@@ -133,13 +134,6 @@ def worker_counters(metrics_url: str, model: str) -> WorkerCounters:
         values.get("spool_model_steps_total", 0.0),
         values.get("spool_model_step_rows_total", 0.0),
     )
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 async def run_clients(
@@ -241,7 +235,7 @@ def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
         plat.p.start_worker(",".join(served), queues="spool.cpu")
         plat.p.start_beat()
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        support.wait_until(lambda: _answers(metrics_url), timeout=60, what="worker metrics")
+        support.wait_until(lambda: answers(metrics_url), timeout=60, what="worker metrics")
         token = asyncio.run(login(plat.url, plat.users(1)[0]))
         for model, kind in args.models:
             # Off, on, off, on: the machine's other load drifts; both modes see the same.

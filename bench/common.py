@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
@@ -475,6 +476,14 @@ async def closed_loop(
 
     await asyncio.gather(metering(), *(client(c) for c in range(clients)))
     return counts["done"], counts["errors"], lat
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 now (a server still starting does not)."""
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:

@@ -35,6 +35,7 @@ class _Waiting:
     key: Hashable
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | BaseException | None = None
+    at: float = field(default_factory=time.monotonic)  # when it came in
 
 
 class MicroBatcher:
@@ -155,7 +156,14 @@ class MicroBatcher:
             if room <= 0 or not self._waiting:  # a glance without the lock: most steps
                 return []
             with self._cond:
-                joining = [item for item in self._waiting if item.key == batch[0].key][:room]
+                joining = [item for item in self._waiting if item.key == batch[0].key]
+                if not joining:
+                    return []
+                if len(joining) < room and time.monotonic() - joining[0].at < self.wait_s:
+                    # Short of a full batch, joiners gather for up to wait_ms like a batch
+                    # does: each group costs the model a forward pass of its own prompts.
+                    return []
+                joining = joining[:room]
                 for item in joining:
                     self._waiting.remove(item)
             first = len(batch)

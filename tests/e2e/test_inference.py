@@ -29,7 +29,7 @@ from tests import support
 # The batching test submits 8 jobs at once and needs them in one micro-batch. The shipped
 # windows (5-10 ms) suit a GPU box; on a loaded 2-core CI machine 8 claims can take longer.
 BATCH_WAIT_MS = 500
-SERVED = "tiny-sd,tiny-llm,broken-sd,broken-llm"
+SERVED = "tiny-sd,tiny-llm,tiny-llm-join,broken-sd,broken-llm"
 
 
 class InferencePlatform(support.IsolatedPlatform):
@@ -74,6 +74,8 @@ def _registry(var_dir: Path) -> Path:
     models = data["models"]
     for name in ("tiny-sd", "tiny-llm"):
         models[name]["batch_wait_ms"] = BATCH_WAIT_MS
+    # The same weights gathering for 20 ms: a job that joins a running batch waits that long.
+    models["tiny-llm-join"] = {**models["tiny-llm"], "batch_wait_ms": 20}
     missing = str(var_dir / "models" / "no-such-model")
     # One goes through the micro-batcher, the other (max_batch_size 1) straight to its backend.
     models["broken-sd"] = {**models["tiny-sd"], "source": missing}
@@ -211,8 +213,10 @@ def _microbatches(plat: InferencePlatform, model: str) -> tuple[float, float]:
 def _in_one_batch(
     plat: InferencePlatform, api: support.Api, model: str, jobs: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Submit `jobs` (8) in one request, wait for all; assert they shared one micro-batch."""
+    """Submit `jobs` (8) in one request, wait for all; assert they shared one micro-batch
+    (started together, or some of them joining it while it ran)."""
     before = _microbatches(plat, model)
+    joined = _joined_so_far(plat, model)
     body = {"jobs": [{**job, "custom_id": str(i)} for i, job in enumerate(jobs)]}
     r = api.post("/v1/batches", json=body)
     assert r.status_code == 202, r.text
@@ -221,8 +225,13 @@ def _in_one_batch(
     done = [api.wait(by_custom[str(i)], timeout=120) for i in range(len(jobs))]
     assert all(d["status"] == "succeeded" for d in done), done
     after = _microbatches(plat, model)
+    joined = _joined_so_far(plat, model) - joined
     # Nothing else runs on this model meanwhile: 8 more jobs in 1 more batch.
-    assert (after[0] - before[0], after[1] - before[1]) == (len(jobs), 1), (before, after)
+    assert (after[0] - before[0] + joined, after[1] - before[1]) == (len(jobs), 1), (
+        before,
+        after,
+        joined,
+    )
     return done
 
 
@@ -266,31 +275,29 @@ def test_a_text_job_joins_a_running_batch_and_ends_on_its_own(
 ) -> None:
     """A short job submitted while a long one decodes does not wait for it: it joins the
     running decode loop and ends first, with the text it makes alone."""
+    model = "tiny-llm-join"
     story = {"prompt": "Tell a long story", "max_tokens": 512, "min_tokens": 512, "seed": 1}
-    long = owner.submit(**_text(story))
-    # In the decode loop, past the batch's gathering: its progress is being written.
-    support.wait_until(
-        lambda: owner.get(f"/v1/jobs/{long['id']}").json()["progress"] is not None,
-        timeout=60,
-        every=0.02,
-        what="the long job decoding",
-    )
-    short_job = _text({"prompt": "Hi", "max_tokens": 4, "min_tokens": 4, "seed": 2})
-    joined = _joined_so_far(plat)
+    long = owner.submit(**_text(story, model))
+    # Its first token: it is in the decode loop, past its batch's gathering (its 512
+    # tokens then take 1–1.5 s here).
+    with owner.get(f"/v1/jobs/{long['id']}/events", stream=True, timeout=60) as r:
+        assert next(x for x in r.iter_lines(decode_unicode=True) if x == "event: token")
+    short_job = _text({"prompt": "Hi", "max_tokens": 4, "min_tokens": 4, "seed": 2}, model)
+    joined = _joined_so_far(plat, model)
     short = owner.wait(owner.submit(**short_job)["id"])
     assert short["status"] == "succeeded"
-    assert _joined_so_far(plat) == joined + 1
+    assert _joined_so_far(plat, model) == joined + 1
     done = owner.wait(long["id"], timeout=120)
     assert done["status"] == "succeeded" and done["finished_at"] > short["finished_at"]
     assert short["output"] == _run(owner, short_job)["output"]  # alone, later
 
 
-def _joined_so_far(plat: InferencePlatform) -> float:
+def _joined_so_far(plat: InferencePlatform, model: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(requests.get(plat.metrics_url, timeout=10).text):
         for s in family.samples:
-            if s.name == "spool_microbatch_joined_total" and s.labels.get("model") == "tiny-llm":
+            if s.name == "spool_microbatch_joined_total" and s.labels.get("model") == model:
                 return s.value
     return 0.0
 
@@ -449,7 +456,7 @@ def test_models_list_workers_online_and_queued(plat: InferencePlatform, owner: s
         r = owner.get("/v1/models")
         assert r.status_code == 200, r.text
         models = {m["name"]: m for m in r.json()}
-        assert set(models) == {"echo", "tiny-sd", "tiny-llm", "broken-sd", "broken-llm"}
+        assert set(models) == {"echo", *SERVED.split(",")}
         for name in SERVED.split(","):
             assert models[name]["workers_online"] == 1, models[name]
         assert models["echo"]["workers_online"] == 0

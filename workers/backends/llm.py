@@ -47,6 +47,21 @@ def _hand_over(row: _Row, deliver: Deliver) -> None:
     deliver(row.index, row.result if row.result is not None else RuntimeError("job was not run"))
 
 
+def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
+    """Drop the cache columns that are padding for every row left (in place); returns
+    the mask to match. Rows joining a running loop are padded to its width: without
+    this, a loop that keeps taking in jobs would attend over an ever longer cache."""
+    from transformers.cache_utils import DynamicLayer
+
+    first = int(mask.any(dim=0).to(torch.int8).argmax())  # rows are right-aligned
+    if first == 0 or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return mask  # (a sliding-window layer keeps its own length: left as it is)
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, first:, :]
+        layer.values = layer.values[:, :, first:, :]
+    return mask[:, first:]
+
+
 def _merge(
     cache: Any,
     mask: torch.Tensor,
@@ -258,7 +273,8 @@ class LLMBackend(Backend):
         if keep and len(keep) < len(active):
             kept = torch.tensor(keep, device=self.device)
             cache.reorder_cache(kept)
-            mask, last = mask[kept], last[kept]
+            mask = _trim(cache, mask[kept])
+            last = last[kept]
         return [active[i] for i in keep], mask, last
 
     def _runnable(self, rows: list[_Row], deliver: Deliver) -> list[_Row]:
