@@ -213,29 +213,42 @@ def merged(runs: list[Run]) -> Run:
     )
 
 
-def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
+def model_platform(
+    name: str, clients: int, models_dir: Path, served: str
+) -> tuple[BenchPlatform, str]:
+    """A started isolated platform (API, one worker serving `served` from the tiny models
+    in `models_dir`, beat) and its worker's /metrics URL; the caller closes it."""
     metrics_port = support.free_port()
     plat = BenchPlatform(
-        "inference",
+        name,
         # Enough slots for every client's job to reach the batcher at once.
-        SPOOL_WORKER_CONCURRENCY=str(max(args.clients, 16)),
+        SPOOL_WORKER_CONCURRENCY=str(max(clients, 16)),
         SPOOL_TORCH_THREADS="1",
         SPOOL_METRICS_PORT=str(metrics_port),
         TRANSFORMERS_VERBOSITY="error",
         HF_HUB_OFFLINE="1",
         **UNREACHABLE_LIMITS,
     )
-    runs = []
     try:
         plat.var_dir.mkdir(parents=True, exist_ok=True)
         reg = registry_file(models_dir, plat.var_dir / "models.yaml")
         plat.p.extra_env["SPOOL_MODELS_FILE"] = str(reg)
         plat.p.start_api()
-        served = ["echo"] + [f"{m},{m}-b1" for m, _ in args.models]
-        plat.p.start_worker(",".join(served), queues="spool.cpu")
+        plat.p.start_worker(served, queues="spool.cpu")
         plat.p.start_beat()
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         support.wait_until(lambda: answers(metrics_url), timeout=60, what="worker metrics")
+    except BaseException:
+        plat.close()
+        raise
+    return plat, metrics_url
+
+
+def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
+    served = ["echo"] + [f"{m},{m}-b1" for m, _ in args.models]
+    plat, metrics_url = model_platform("inference", args.clients, models_dir, ",".join(served))
+    runs = []
+    try:
         token = asyncio.run(login(plat.url, plat.users(1)[0]))
         for model, kind in args.models:
             # Off, on, off, on: the machine's other load drifts; both modes see the same.

@@ -21,15 +21,12 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.bench_inference_platform import registry_file
+from bench.bench_inference_platform import model_platform
 from bench.common import (
-    UNREACHABLE_LIMITS,
-    BenchPlatform,
     CpuMeter,
     Http,
     HttpError,
     Latencies,
-    answers,
     closed_loop,
     console,
     header,
@@ -38,7 +35,6 @@ from bench.common import (
 )
 from spool import settings
 from spool.tiny_models import init_tiny
-from tests import support
 
 WARMUP_S = 3.0
 
@@ -61,27 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     header("Mixed text lengths: short jobs among long ones")
     models_dir = init_tiny(settings.get().var_dir)["tiny-llm"].parent
-    metrics_port = support.free_port()
-    plat = BenchPlatform(
-        "text-mix",
-        SPOOL_WORKER_CONCURRENCY=str(max(args.clients, 16)),
-        SPOOL_TORCH_THREADS="1",
-        SPOOL_METRICS_PORT=str(metrics_port),
-        TRANSFORMERS_VERBOSITY="error",
-        HF_HUB_OFFLINE="1",
-        **UNREACHABLE_LIMITS,
-    )
+    plat, metrics_url = model_platform("text-mix", args.clients, models_dir, "tiny-llm")
     lat = {"long": Latencies(), "short": Latencies()}
     done = {"long": 0, "short": 0}
     try:
-        plat.var_dir.mkdir(parents=True, exist_ok=True)
-        reg = registry_file(models_dir, plat.var_dir / "models.yaml")
-        plat.p.extra_env["SPOOL_MODELS_FILE"] = str(reg)
-        plat.p.start_api()
-        plat.p.start_worker("tiny-llm", queues="spool.cpu")
-        plat.p.start_beat()
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        support.wait_until(lambda: answers(metrics_url), timeout=60, what="worker metrics")
         token = asyncio.run(login(plat.url, plat.users(1)[0]))
         window = {"start": 0.0, "end": 0.0}
 
