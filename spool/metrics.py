@@ -157,7 +157,7 @@ WEBHOOK_DURATION = Histogram(
 
 MICROBATCH_SIZE = Histogram(
     "spool_microbatch_size",
-    "Jobs run together in one micro-batch.",
+    "Jobs a micro-batch started with (jobs joining it later: spool_microbatch_joined).",
     ["model"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
 )
