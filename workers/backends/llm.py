@@ -10,6 +10,7 @@ their jobs end there and then (`predict_each`), not with the batch's longest row
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,14 +49,12 @@ def _hand_over(row: _Row, deliver: Deliver) -> None:
 
 
 def _trim(cache: Any, mask: torch.Tensor) -> torch.Tensor:
-    """Drop the cache columns that are padding for every row left (in place); returns
-    the mask to match. Rows joining a running loop are padded to its width: without
-    this, a loop that keeps taking in jobs would attend over an ever longer cache."""
-    from transformers.cache_utils import DynamicLayer
-
+    """Drop the columns of a plain cache that are padding for every row left (in place);
+    returns the mask to match. Rows joining a running loop are padded to its width:
+    without this, a loop that keeps taking in jobs would attend over an ever longer cache."""
     first = int(mask.any(dim=0).to(torch.int8).argmax())  # rows are right-aligned
-    if first == 0 or not all(type(layer) is DynamicLayer for layer in cache.layers):
-        return mask  # (a sliding-window layer keeps its own length: left as it is)
+    if first == 0:
+        return mask
     for layer in cache.layers:
         layer.keys = layer.keys[:, :, first:, :]
         layer.values = layer.values[:, :, first:, :]
@@ -98,6 +97,9 @@ class LLMBackend(Backend):
         self._eos_index = torch.empty(0, dtype=torch.long)
         self.context_len: int | None = None
         self._lock = threading.Lock()
+        # Whether the model's KV cache is plain tensors (no sliding-window or other layer
+        # kinds): only then do jobs join a running loop and padding columns get trimmed.
+        self._plain_cache = False
 
     def setup(self) -> None:
         hf.prepare_process()
@@ -124,6 +126,11 @@ class LLMBackend(Backend):
         self.eos_ids = {i for i in [*eos_list, tokenizer.eos_token_id] if i is not None}
         self._eos_index = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
         self.context_len = getattr(model.config, "max_position_embeddings", None)
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        layers = DynamicCache(config=model.config).layers  # the kinds the config asks for
+        self._plain_cache = all(type(layer) is DynamicLayer for layer in layers)
         self.tokenizer, self.model = tokenizer, model
 
     def batch_key(self, job_input: dict[str, Any]) -> None:
@@ -147,12 +154,7 @@ class LLMBackend(Backend):
         job does not wait for a running batch to end either."""
         if self.model is None:
             raise RuntimeError("LLMBackend.predict called before setup()")
-        rows: list[_Row] = []
-        for index, ctx in enumerate(jobs):
-            try:
-                rows.append(self._row(index, ctx))
-            except hf.InvalidInput as exc:
-                deliver(index, exc)
+        rows = self._rows(enumerate(jobs), deliver)
         with self._lock, torch.inference_mode():
             try:
                 self._decode(rows, deliver, admit)
@@ -165,6 +167,16 @@ class LLMBackend(Backend):
                 _hand_over(row, deliver)
 
     # --- inputs -------------------------------------------------------------------
+    def _rows(self, jobs: Iterable[tuple[int, JobContext]], deliver: Deliver) -> list[_Row]:
+        """A row per (index, job); a job whose input is invalid fails at once, alone."""
+        rows = []
+        for index, ctx in jobs:
+            try:
+                rows.append(self._row(index, ctx))
+            except hf.InvalidInput as exc:
+                deliver(index, exc)
+        return rows
+
     def _row(self, index: int, ctx: JobContext) -> _Row:
         data, d = ctx.input, self.spec.defaults
         prompt_ids = self._prompt_ids(data)
@@ -229,19 +241,17 @@ class LLMBackend(Backend):
     def _decode(self, rows: list[_Row], deliver: Deliver, admit: Admit | None = None) -> None:
         """Decode `rows` together until each is done. With `admit`, jobs that arrive
         meanwhile join the running loop between two steps (`rows` gets them too)."""
-        from transformers.cache_utils import DynamicLayer
-
+        if not self._plain_cache:
+            admit = None  # joining merges the cache's tensors: plain layers only
         active = self._runnable(rows, deliver)
         if not active:
             return
         cache, mask, last, logits = self._prefill(active)
-        # Joining needs the cache's plain tensors (sliding-window and other layers differ).
-        joinable = admit is not None and all(type(x) is DynamicLayer for x in cache.layers)
         while True:
             active, mask, last = self._take_tokens(logits, active, cache, mask, last, deliver)
             if not active:
                 return
-            if joinable and admit is not None:
+            if admit is not None:
                 joined = self._join(admit, len(active), rows, deliver)
                 if joined is not None:
                     mask, last = _merge(cache, mask, last, *joined[1:])
@@ -273,8 +283,9 @@ class LLMBackend(Backend):
         if keep and len(keep) < len(active):
             kept = torch.tensor(keep, device=self.device)
             cache.reorder_cache(kept)
-            mask = _trim(cache, mask[kept])
-            last = last[kept]
+            mask, last = mask[kept], last[kept]
+            if self._plain_cache:  # a sliding-window layer keeps its own length
+                mask = _trim(cache, mask)
         return [active[i] for i in keep], mask, last
 
     def _runnable(self, rows: list[_Row], deliver: Deliver) -> list[_Row]:
@@ -310,15 +321,8 @@ class LLMBackend(Backend):
     ) -> tuple[list[_Row], Any, torch.Tensor, torch.Tensor] | None:
         """Jobs that arrived while the loop ran, prefilled and given their first token:
         (their rows still running, their cache, mask and last positions), or None."""
-        fresh = []
-        for index, ctx in admit(running):
-            try:
-                row = self._row(index, ctx)
-            except hf.InvalidInput as exc:
-                deliver(index, exc)
-                continue
-            rows.append(row)
-            fresh.append(row)
+        fresh = self._rows(admit(running), deliver)
+        rows += fresh
         active = self._runnable(fresh, deliver)
         if not active:
             return None
