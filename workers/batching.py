@@ -20,7 +20,7 @@ from typing import Any
 
 from spool import metrics
 from spool.registry import ModelSpec
-from workers.backends.base import Backend, JobContext
+from workers.backends.base import Backend, JobContext, Result
 
 log = logging.getLogger("spool.batching")
 
@@ -34,7 +34,7 @@ class _Waiting:
     ctx: JobContext
     key: Hashable
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict[str, Any] | BaseException | None = None
+    result: Result | None = None
     at: float = field(default_factory=time.monotonic)  # when it came in
 
 
@@ -141,7 +141,7 @@ class MicroBatcher:
             metrics.MODEL_BUSY.labels(name).inc(now - counted)
             counted = now
 
-        def deliver(index: int, result: dict[str, Any] | BaseException) -> None:
+        def deliver(index: int, result: Result) -> None:
             item = batch[index]
             if not item.done.is_set():  # the first result of a job stands
                 item.result = result
@@ -174,7 +174,7 @@ class MicroBatcher:
 
         try:
             self.setup()
-            counted = time.perf_counter()
+            counted = time.perf_counter()  # not the model's load
             try:
                 self.backend.predict_each([item.ctx for item in batch], deliver, admit)
             finally:

@@ -18,9 +18,7 @@ import torch
 
 from spool.registry import ModelSpec
 from workers.backends import hf
-from workers.backends.base import Backend, JobContext, register
-
-Result = dict[str, Any] | BaseException
+from workers.backends.base import Backend, JobContext, Result, register
 
 
 class _AllStopped(Exception):
