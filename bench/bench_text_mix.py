@@ -18,10 +18,7 @@ import asyncio
 import time
 from typing import Any
 
-import requests
-from prometheus_client.parser import text_string_to_metric_families
-
-from bench.bench_inference_platform import model_platform
+from bench.bench_inference_platform import model_platform, worker_counters
 from bench.common import (
     CpuMeter,
     Http,
@@ -37,15 +34,6 @@ from spool import settings
 from spool.tiny_models import init_tiny
 
 WARMUP_S = 3.0
-
-
-def _counter(metrics_url: str, name: str) -> float:
-    text = requests.get(metrics_url, timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels.get("model") == "tiny-llm":
-                return sample.value
-    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,14 +76,13 @@ def main(argv: list[str] | None = None) -> int:
                 lat[kind].add(t1 - t0)
                 done[kind] += 1
 
-        steps = _counter(metrics_url, "spool_model_steps_total")
-        rows = _counter(metrics_url, "spool_model_step_rows_total")
+        before = worker_counters(metrics_url, "tiny-llm")
         window["start"] = time.monotonic() + WARMUP_S
         window["end"] = window["start"] + args.seconds
         loop = closed_loop(plat.url, token, one, args.clients, args.seconds, CpuMeter({}), WARMUP_S)
         asyncio.run(loop)
-        steps = _counter(metrics_url, "spool_model_steps_total") - steps
-        rows = _counter(metrics_url, "spool_model_step_rows_total") - rows
+        after = worker_counters(metrics_url, "tiny-llm")
+        steps, rows = after.steps - before.steps, after.step_rows - before.step_rows
     finally:
         plat.close()
 

@@ -194,20 +194,24 @@ def test_text_messages_go_through_the_chat_template(
 # --- the same seed, alone and in a micro-batch -----------------------------------------
 
 
-def _microbatches(plat: InferencePlatform, model: str) -> tuple[float, float]:
-    """The worker's spool_microbatch_size histogram for `model`: (jobs, batches) so far."""
+def _worker_samples(plat: InferencePlatform, model: str) -> dict[str, float]:
+    """The worker's /metrics samples for `model`, by sample name."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(plat.metrics_url, timeout=10).text
-    jobs = batches = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if family.name == "spool_microbatch_size" and s.labels.get("model") == model:
-                if s.name.endswith("_sum"):
-                    jobs = s.value
-                elif s.name.endswith("_count"):
-                    batches = s.value
-    return jobs, batches
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("model") == model
+    }
+
+
+def _microbatches(plat: InferencePlatform, model: str) -> tuple[float, float]:
+    """The worker's spool_microbatch_size histogram for `model`: (jobs, batches) so far."""
+    samples = _worker_samples(plat, model)
+    jobs = samples.get("spool_microbatch_size_sum", 0.0)
+    return jobs, samples.get("spool_microbatch_size_count", 0.0)
 
 
 def _in_one_batch(
@@ -293,13 +297,7 @@ def test_a_text_job_joins_a_running_batch_and_ends_on_its_own(
 
 
 def _joined_so_far(plat: InferencePlatform, model: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(requests.get(plat.metrics_url, timeout=10).text):
-        for s in family.samples:
-            if s.name == "spool_microbatch_joined_total" and s.labels.get("model") == model:
-                return s.value
-    return 0.0
+    return _worker_samples(plat, model).get("spool_microbatch_joined_total", 0.0)
 
 
 # --- events -----------------------------------------------------------------------------
