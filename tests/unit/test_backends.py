@@ -176,6 +176,17 @@ def test_text_batched_equals_alone(llm_backend: Any) -> None:
     assert len({o["text"] for o in outs}) == len(outs)
 
 
+def test_text_decode_uses_the_cache_argument_the_model_names(llm_backend: Any) -> None:
+    # transformers renamed forward's `past_key_values` to `cache`; the old name warns, then
+    # goes (5.40): a decode step must pass the one this transformers' model takes.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out, _ = _alone(llm_backend, {"prompt": "Hi", "max_tokens": 4, "min_tokens": 4, "seed": 1})
+    assert out["usage"]["completion_tokens"] == 4
+
+
 def test_text_seed_decides_sampling_and_greedy_ignores_it(llm_backend: Any) -> None:
     base = {"prompt": "Hello", "max_tokens": 20, "min_tokens": 20}
     assert (

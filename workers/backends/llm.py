@@ -9,6 +9,7 @@ their jobs end there and then (`predict_each`), not with the batch's longest row
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -131,6 +132,10 @@ class LLMBackend(Backend):
 
         layers = DynamicCache(config=model.config).layers  # the kinds the config asks for
         self._plain_cache = all(type(layer) is DynamicLayer for layer in layers)
+        # Newer transformers 5 releases renamed forward's `past_key_values` to `cache` (5.24
+        # warns on the old name, which goes in 5.40); older ones know only the old name.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.tokenizer, self.model = tokenizer, model
 
     def batch_key(self, job_input: dict[str, Any]) -> None:
@@ -339,8 +344,8 @@ class LLMBackend(Backend):
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
             logits_to_keep=1,
         )
         return out.logits[:, -1, :].float()
