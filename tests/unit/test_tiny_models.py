@@ -94,3 +94,51 @@ def test_registry_points_at_the_tiny_models(tiny_models: dict[str, Path]) -> Non
         assert Path(spec.resolved_source(var_dir)) == tiny_models[name]
     assert specs["tiny-sd"].max_batch_size == 8 and specs["tiny-llm"].max_batch_size == 16
     assert specs["tiny-sd"].limit("max_width") and specs["tiny-llm"].limit("max_tokens")
+
+
+def test_real_size_presets_have_the_real_models_shapes(tmp_path: Path) -> None:
+    # Built on the meta device: the shapes without the gigabytes.
+    import torch
+    from transformers import CLIPTokenizer
+
+    from spool import tiny_models
+
+    tiny_models._save_clip_tokenizer(tmp_path)
+    clip = CLIPTokenizer.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        unet, vae, text = tiny_models.sd_modules(tiny_models.SD15, clip)
+        llm = tiny_models.llm_model(tiny_models.LLAMA_1B, _VocabOf(tiny_models.LLAMA_1B.vocab))
+
+    def millions(module: Any) -> float:
+        return sum(p.numel() for p in module.parameters()) / 1e6
+
+    assert round(millions(unet), 1) == 859.5  # Stable Diffusion 1.5's UNet
+    assert round(millions(vae), 1) == 83.7
+    assert text.config.hidden_size == 768 and text.config.num_hidden_layers == 12
+    assert unet.config.sample_size * 8 == vae.config.sample_size == 512
+    assert 1090 < millions(llm) < 1110  # TinyLlama-1.1B's shapes
+    assert llm.config.num_key_value_heads == 4
+
+
+def test_a_preset_builds_with_another_shape_under_its_name(tmp_path: Path) -> None:
+    # What a benchmark's smoke run does: the real model's name, the tiny model's shape.
+    from spool import tiny_models
+
+    shapes = {"llama-1b-random": tiny_models.TINY_LLM}
+    paths = tiny_models.init_models(tmp_path, list(shapes), shapes=shapes, folder="smoke")
+    folder = paths["llama-1b-random"]
+    assert folder == tmp_path / "smoke" / "llama-1b-random"
+    assert tiny_models.is_built("llama-1b-random", folder)
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 10 * 1024 * 1024
+
+
+class _VocabOf:
+    """What llm_model reads of a tokenizer: its length and special ids."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
