@@ -1,4 +1,4 @@
-"""GPU efficiency, direct half: the tiny models' throughput without the platform.
+"""GPU efficiency, direct half: the models' throughput without the platform.
 
 Two paths per model, at batch 1 and at batch N:
   pipeline: the library call itself (diffusers pipeline, transformers `generate`);
@@ -6,6 +6,12 @@ Two paths per model, at batch 1 and at batch N:
 The through-the-platform numbers (bench/) are compared against these.
 
     python -m bench.bench_inference_direct [--sd-batch 8] [--llm-batch 16] [--repeats 5] [--json]
+
+Run alone, it measures the tiny models. The workloads (WORKLOADS) are what
+bench_inference_platform runs and calls these functions with: `tiny` (tiny-sd 64x64,
+4 steps; tiny-llm, 32 tokens: the CPU benchmarks) and `real` (random-weight models of
+real size, for a GPU: Stable Diffusion 1.5's shapes at 512x512, 20 steps; a
+1.1B-parameter Llama, 128 new tokens).
 """
 
 from __future__ import annotations
@@ -20,11 +26,50 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spool import registry, settings
-from spool.tiny_models import init_tiny
+from spool import registry, settings, tiny_models
 
-SD_INPUT = {"width": 64, "height": 64, "steps": 4, "guidance_scale": 7.5}
-LLM_TOKENS = 32
+
+@dataclass(frozen=True)
+class Workload:
+    """The models a benchmark runs and the work of one job on each."""
+
+    name: str
+    sd: str  # model names: tiny_models.PRESETS, and entries of the registry the bench uses
+    llm: str
+    sd_input: dict[str, Any]
+    llm_tokens: int  # every text job makes exactly this many (min_tokens = max_tokens)
+
+    def shapes(self, smoke: bool) -> dict[str, tiny_models.SdShape | tiny_models.LlmShape]:
+        """What to build each model from: its preset, or for a smoke run (the workload's
+        code path on a CPU, in seconds) the tiny shapes under the same names."""
+        if not smoke:
+            return {m: tiny_models.PRESETS[m][1] for m in (self.sd, self.llm)}
+        return {self.sd: tiny_models.TINY_SD, self.llm: tiny_models.TINY_LLM}
+
+    def smoke(self) -> Workload:
+        """The same models (built tiny) with a tiny job's work."""
+        tiny = WORKLOADS["tiny"]
+        return Workload(self.name, self.sd, self.llm, tiny.sd_input, tiny.llm_tokens)
+
+
+WORKLOADS = {
+    "tiny": Workload(
+        "tiny",
+        "tiny-sd",
+        "tiny-llm",
+        {"width": 64, "height": 64, "steps": 4, "guidance_scale": 7.5},
+        32,
+    ),
+    "real": Workload(
+        "real",
+        "sd15-random",
+        "llama-1b-random",
+        {"width": 512, "height": 512, "steps": 20, "guidance_scale": 7.5},
+        128,
+    ),
+}
+SD_INPUT = WORKLOADS["tiny"].sd_input
+LLM_TOKENS = WORKLOADS["tiny"].llm_tokens
 
 
 @dataclass
@@ -62,61 +107,71 @@ class _QuietContext:
 
 
 def _median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up: first calls at a new shape pick kernels and allocate
-    times = []
-    for _ in range(repeats):
+    import torch
+
+    def timed() -> float:
         started = time.perf_counter()
         run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # `generate` returns before its last kernels end
+        return time.perf_counter() - started
+
+    timed()  # warm-up: first calls at a new shape pick kernels and allocate
+    return statistics.median(timed() for _ in range(repeats))
 
 
 def _spec(name: str, var_dir: Path) -> registry.ModelSpec:
     spec = registry.get(name)
     if spec is None:
         raise SystemExit(f"model {name!r} is not in the model registry")
-    init_tiny(var_dir)
+    tiny_models.init_tiny(var_dir)
     return spec
 
 
-def bench_sd(var_dir: Path, batches: list[int], repeats: int) -> list[Row]:
+def bench_sd(
+    spec: registry.ModelSpec, batches: list[int], repeats: int, w: Workload = WORKLOADS["tiny"]
+) -> list[Row]:
     import torch
 
     from workers.backends.diffusion import DiffusionBackend
 
-    backend = DiffusionBackend(_spec("tiny-sd", var_dir))
+    backend = DiffusionBackend(spec)
     backend.setup()
+    sd_input = w.sd_input
     rows = []
     for n in batches:
 
         def pipeline(n: int = n) -> object:
             return backend.pipe(
                 prompt=[f"a photo of thing {i}" for i in range(n)],
-                width=SD_INPUT["width"],
-                height=SD_INPUT["height"],
-                num_inference_steps=SD_INPUT["steps"],
-                guidance_scale=SD_INPUT["guidance_scale"],
+                width=sd_input["width"],
+                height=sd_input["height"],
+                num_inference_steps=sd_input["steps"],
+                guidance_scale=sd_input["guidance_scale"],
                 generator=[torch.Generator("cpu").manual_seed(i) for i in range(n)],
             )
 
         def predict(n: int = n) -> object:
             jobs = [
-                _QuietContext({"prompt": f"a photo of thing {i}", "seed": i, **SD_INPUT})
+                _QuietContext({"prompt": f"a photo of thing {i}", "seed": i, **sd_input})
                 for i in range(n)
             ]
             return backend.predict(jobs)  # type: ignore[arg-type]
 
         for path, run in (("pipeline", pipeline), ("backend", predict)):
             s = _median_seconds(run, repeats)
-            rows.append(Row("tiny-sd", path, n, s, images_s=n / s, jobs_s=n / s))
+            rows.append(Row(spec.name, path, n, s, images_s=n / s, jobs_s=n / s))
     return rows
 
 
-def bench_llm(var_dir: Path, batches: list[int], repeats: int) -> list[Row]:
+def bench_llm(
+    spec: registry.ModelSpec, batches: list[int], repeats: int, w: Workload = WORKLOADS["tiny"]
+) -> list[Row]:
     from workers.backends.llm import LLMBackend
 
-    backend = LLMBackend(_spec("tiny-llm", var_dir))
+    backend = LLMBackend(spec)
     backend.setup()
+    tokens = w.llm_tokens
     model, tokenizer = backend.model, backend.tokenizer
     rows = []
     for n in batches:
@@ -125,22 +180,20 @@ def bench_llm(var_dir: Path, batches: list[int], repeats: int) -> list[Row]:
         def generate(prompts: list[str] = prompts) -> object:
             enc = tokenizer(prompts, return_tensors="pt", padding=True).to(backend.device)
             return model.generate(
-                **enc, max_new_tokens=LLM_TOKENS, min_new_tokens=LLM_TOKENS, do_sample=False
+                **enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
             )
 
         def predict(prompts: list[str] = prompts) -> object:
-            # min_tokens: random weights emit EOS early; every row makes exactly 32 tokens.
+            # min_tokens: random weights emit EOS early; every row makes exactly `tokens`.
             jobs = [
-                _QuietContext(
-                    {"prompt": p, "max_tokens": LLM_TOKENS, "min_tokens": LLM_TOKENS, "seed": i}
-                )
+                _QuietContext({"prompt": p, "max_tokens": tokens, "min_tokens": tokens, "seed": i})
                 for i, p in enumerate(prompts)
             ]
             return backend.predict(jobs)  # type: ignore[arg-type]
 
         for path, run in (("pipeline", generate), ("backend", predict)):
             s = _median_seconds(run, repeats)
-            rows.append(Row("tiny-llm", path, n, s, tokens_s=n * LLM_TOKENS / s, jobs_s=n / s))
+            rows.append(Row(spec.name, path, n, s, tokens_s=n * tokens / s, jobs_s=n / s))
     return rows
 
 
@@ -184,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if args.only in (None, "sd"):
         n = args.sd_batch or _spec("tiny-sd", var_dir).max_batch_size
-        rows += bench_sd(var_dir, sorted({1, n}), args.repeats)
+        rows += bench_sd(_spec("tiny-sd", var_dir), sorted({1, n}), args.repeats)
     if args.only in (None, "llm"):
         n = args.llm_batch or _spec("tiny-llm", var_dir).max_batch_size
-        rows += bench_llm(var_dir, sorted({1, n}), args.repeats)
+        rows += bench_llm(_spec("tiny-llm", var_dir), sorted({1, n}), args.repeats)
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))
     else:

@@ -1,6 +1,7 @@
 """GPU efficiency through the platform: tiny-llm and tiny-sd jobs/s under concurrent clients.
 
     python -m bench.bench_inference_platform [--clients 16] [--seconds 8] [--only llm|sd]
+        [--workload tiny|real] [--smoke] [--json FILE]
 
 One isolated platform (API, one worker, beat; its own database and redis-server) serves
 each tiny model twice from one registry file: as itself (micro-batching on, the shipped
@@ -20,6 +21,12 @@ both sides, at batch 1 and at the batch size the platform's worker actually ran 
 
 Targets (the issue): micro-batching >= 2.5x the unbatched throughput for tiny-llm; the
 platform >= 80% of the direct call's throughput at the same batch size.
+
+`--workload real` runs the same with random-weight models of real size, built on first
+use (tiny_models.PRESETS: Stable Diffusion 1.5's shapes at 512x512, 20 steps, float16; a
+1.1B-parameter Llama, 128 new tokens, bfloat16): the GPU run (scripts/gpu-bench.sh).
+`--smoke` runs a workload's whole code path in seconds on a CPU: its models built with
+the tiny shapes, a tiny job's work, short windows.
 """
 
 from __future__ import annotations
@@ -51,14 +58,11 @@ from bench.common import (
     login,
     table,
 )
-from spool import registry, settings
-from spool.tiny_models import init_tiny
+from spool import registry, settings, tiny_models
 from tests import support
 
-TOKENS = direct.LLM_TOKENS
-SD_INPUT = direct.SD_INPUT
 WARMUP_S = 1.5
-MODELS = {"llm": ("tiny-llm", "text.generate"), "sd": ("tiny-sd", "image.generate")}
+KINDS = {"llm": "text.generate", "sd": "image.generate"}
 COMPONENTS = ("worker", "api", "postgres", "redis", "client (bench)")
 console = Console(width=150)  # the tables are wide; keep them whole when piped
 
@@ -82,29 +86,40 @@ class Run:
 # --- the platform side -----------------------------------------------------------------
 
 
-def job_body(model: str, kind: str, i: int) -> dict[str, Any]:
+def job_body(model: str, kind: str, i: int, w: direct.Workload) -> dict[str, Any]:
     """Job i of a run; the same i gives the same input (fixed seeds)."""
     if kind == "text.generate":
         data: dict[str, Any] = {
             "prompt": f"Question {i}: what does a worker do with a job?",
-            "max_tokens": TOKENS,
-            "min_tokens": TOKENS,  # random weights emit EOS early: every job makes 32 tokens
+            "max_tokens": w.llm_tokens,
+            # Random weights emit EOS early: every job makes exactly llm_tokens.
+            "min_tokens": w.llm_tokens,
             "seed": i,
         }
     elif kind == "image.generate":
-        data = {"prompt": f"a photo of thing {i}", "seed": i, **SD_INPUT}
+        data = {"prompt": f"a photo of thing {i}", "seed": i, **w.sd_input}
     else:
         data = {"value": i}
     return {"kind": kind, "model": model, "input": data}
 
 
-def registry_file(models_dir: Path, out: Path) -> Path:
-    """The shipped registry with the tiny models from `models_dir`, plus a `-b1` twin each."""
+def registry_file(models_dir: Path, out: Path, w: direct.Workload) -> Path:
+    """The shipped registry plus the workload's models from `models_dir` (a model not in
+    it takes the entry of the tiny model of its kind, with limits and defaults that fit its
+    job), and a `-b1` twin of each."""
     data = yaml.safe_load(registry.DEFAULT_FILE.read_text())
     models = data["models"]
-    for name, _ in MODELS.values():
-        models[name]["source"] = str(models_dir / name)
-        models[f"{name}-b1"] = {**models[name], "max_batch_size": 1}
+    for name, template in ((w.sd, "tiny-sd"), (w.llm, "tiny-llm")):
+        entry = dict(models.get(name) or models[template])
+        entry["source"] = str(models_dir / name)
+        if name == w.sd:
+            side = max(w.sd_input["width"], w.sd_input["height"])
+            entry["limits"] = {**entry["limits"], "max_width": side, "max_height": side}
+            entry["defaults"] = {**entry["defaults"], **w.sd_input}
+        else:
+            entry["limits"] = {**entry["limits"], "max_tokens": max(512, w.llm_tokens)}
+        models[name] = entry
+        models[f"{name}-b1"] = {**entry, "max_batch_size": 1}
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
 
@@ -144,6 +159,7 @@ async def run_clients(
     clients: int,
     seconds: float,
     meter: CpuMeter,
+    w: direct.Workload,
     warm_s: float = WARMUP_S,
 ) -> tuple[int, int, Latencies]:
     """Each client: POST /v1/jobs with `Prefer: wait`, check the output, repeat; the first
@@ -153,7 +169,7 @@ async def run_clients(
         r = await http.request(
             "POST",
             "/v1/jobs",
-            job_body(model, kind, (c * 100 + n) % 1000),
+            job_body(model, kind, (c * 100 + n) % 1000, w),
             headers={"Prefer": "wait=60"},
         )
         while r.status == 202:  # not done within the wait: long-poll the result
@@ -172,15 +188,17 @@ def measure(
     kind: str,
     seconds: float,
     clients: int,
+    w: direct.Workload,
     first: bool = True,
 ) -> Run:
     """Jobs/s of `model` in one window; CPU per job by process."""
     if first:  # load the model (a `-b1` twin loads on its first job), warm its kernels
-        asyncio.run(run_clients(plat.url, token, model, kind, 2, 0.5, CpuMeter({}), warm_s=0.5))
+        idle = CpuMeter({})
+        asyncio.run(run_clients(plat.url, token, model, kind, 2, 0.5, idle, w, warm_s=0.5))
     before = worker_counters(metrics_url, model)
     meter = CpuMeter(plat.pids())
     done, errors, lat = asyncio.run(
-        run_clients(plat.url, token, model, kind, clients, seconds, meter)
+        run_clients(plat.url, token, model, kind, clients, seconds, meter, w)
     )
     after = worker_counters(metrics_url, model)
     batches = after.batches - before.batches
@@ -214,10 +232,14 @@ def merged(runs: list[Run]) -> Run:
 
 
 def model_platform(
-    name: str, clients: int, models_dir: Path, served: str
+    name: str,
+    clients: int,
+    models_dir: Path,
+    served: str,
+    w: direct.Workload = direct.WORKLOADS["tiny"],
 ) -> tuple[BenchPlatform, str]:
-    """A started isolated platform (API, one worker serving `served` from the tiny models
-    in `models_dir`, beat) and its worker's /metrics URL; the caller closes it."""
+    """A started isolated platform (API, one worker serving `served` from the workload's
+    models in `models_dir`, beat) and its worker's /metrics URL; the caller closes it."""
     metrics_port = support.free_port()
     plat = BenchPlatform(
         name,
@@ -231,7 +253,7 @@ def model_platform(
     )
     try:
         plat.var_dir.mkdir(parents=True, exist_ok=True)
-        reg = registry_file(models_dir, plat.var_dir / "models.yaml")
+        reg = registry_file(models_dir, plat.var_dir / "models.yaml", w)
         plat.p.extra_env["SPOOL_MODELS_FILE"] = str(reg)
         plat.p.start_api()
         plat.p.start_worker(served, queues="spool.cpu")
@@ -245,8 +267,9 @@ def model_platform(
 
 
 def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
+    w = args.workload
     served = ["echo"] + [f"{m},{m}-b1" for m, _ in args.models]
-    plat, metrics_url = model_platform("inference", args.clients, models_dir, ",".join(served))
+    plat, metrics_url = model_platform("inference", args.clients, models_dir, ",".join(served), w)
     runs = []
     try:
         token = asyncio.run(login(plat.url, plat.users(1)[0]))
@@ -264,12 +287,14 @@ def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
                             kind,
                             args.seconds / 2,
                             args.clients,
+                            w,
                             first=i == 0,
                         )
                     )
             runs += [merged(got) for got in windows.values()]
         # Last: the worker's start-up (model loading) is long over.
-        runs.append(measure(plat, token, metrics_url, "echo", "echo", 4.0, args.clients))
+        echo_s = 1.0 if args.smoke else 4.0
+        runs.append(measure(plat, token, metrics_url, "echo", "echo", echo_s, args.clients, w))
     finally:
         plat.close()
     return runs
@@ -278,7 +303,8 @@ def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
 # --- the report ------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, runs: list[Run], var_dir: Path) -> list[dict[str, Any]]:
+def report(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]:
+    w: direct.Workload = args.workload
     rows: list[tuple[Any, ...]] = []
     targets: list[tuple[str, str, str]] = []
     out: list[dict[str, Any]] = []
@@ -299,13 +325,13 @@ def report(args: argparse.Namespace, runs: list[Run], var_dir: Path) -> list[dic
         off = next(r for r in runs if r.model == f"{model}-b1")
         on = next(r for r in runs if r.model == model)
         n_on = max(1, round(on.mean_batch))
-        spec = registry.get(model)
-        n_max = spec.max_batch_size if spec else n_on
+        spec = args.specs[model]
+        n_max = spec.max_batch_size
         bench = direct.bench_llm if kind == "text.generate" else direct.bench_sd
         # The full batch too where it is cheap (a tiny-sd batch of 8 takes seconds per call).
         sizes = {1, n_on, n_max} if kind == "text.generate" else {1, n_on}
-        ref = {(d.path, d.batch): d for d in bench(var_dir, sorted(sizes), args.repeats)}
-        per_job = TOKENS if kind == "text.generate" else 1
+        ref = {(d.path, d.batch): d for d in bench(spec, sorted(sizes), args.repeats, w)}
+        per_job = w.llm_tokens if kind == "text.generate" else 1
         for run, n in ((off, 1), (on, n_on)):
             mode = "off" if run.unbatched else "on"
             rows.append(
@@ -357,9 +383,9 @@ def report(args: argparse.Namespace, runs: list[Run], var_dir: Path) -> list[dic
                     "",
                 )
             )
-        out += [{"path": f"direct {d.path}", **asdict(d)} for d in ref.values()]
+        out += [{**asdict(d), "path": f"direct {d.path}"} for d in ref.values()]
         speedup = on.jobs_s / off.jobs_s if off.jobs_s else float("nan")
-        if model == "tiny-llm":
+        if model == "tiny-llm" and not args.smoke:
             verdict = "met" if speedup >= 2.5 else "MISSED"
             targets.append(
                 ("tiny-llm: micro-batching ≥ 2.5x unbatched", f"{speedup:.2f}x", verdict)
@@ -373,9 +399,9 @@ def report(args: argparse.Namespace, runs: list[Run], var_dir: Path) -> list[dic
     console.print(
         table(
             f"Through the platform vs direct: {args.clients} closed-loop clients, "
-            f"{args.seconds:.0f} s window; tiny-llm {TOKENS} tokens/job, tiny-sd "
-            f"{SD_INPUT['width']}x{SD_INPUT['height']} {SD_INPUT['steps']} steps/job; "
-            "1 torch thread",
+            f"{args.seconds:.0f} s window; {w.llm} {w.llm_tokens} tokens/job, {w.sd} "
+            f"{w.sd_input['width']}x{w.sd_input['height']} {w.sd_input['steps']} steps/job; "
+            f"{args.device}",
             ["model", "path", "batch", "jobs/s", unit, "p50 ms (direct: per call)", "errors"],
             rows,
         )
@@ -396,7 +422,10 @@ def report(args: argparse.Namespace, runs: list[Run], var_dir: Path) -> list[dic
             ],
         )
     )
-    console.print(table("Targets", ["target", "measured", "verdict"], targets))
+    title = "Targets" + (
+        " (a smoke run: tiny models, 2 s windows; not a measurement)" if args.smoke else ""
+    )
+    console.print(table(title, ["target", "measured", "verdict"], targets))
     return out
 
 
@@ -405,22 +434,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
     ap.add_argument("--seconds", type=float, default=8.0, help="measured window per run")
     ap.add_argument("--repeats", type=int, default=3, help="timed direct calls per batch size")
-    ap.add_argument("--only", choices=sorted(MODELS), default=None)
+    ap.add_argument("--only", choices=sorted(KINDS), default=None)
+    ap.add_argument("--workload", choices=sorted(direct.WORKLOADS), default="tiny")
+    ap.add_argument("--smoke", action="store_true", help="the workload's code path, in seconds")
     ap.add_argument("--json", type=Path, default=None, help="also write every row here")
     args = ap.parse_args(argv)
-    args.models = [v for k, v in MODELS.items() if args.only in (None, k)]
-    header("GPU efficiency through the platform (tiny models)")
+    w = direct.WORKLOADS[args.workload]
+    if args.smoke:
+        w = w.smoke()
+        args.seconds = min(args.seconds, 2.0)
+        args.repeats = 1
+    args.workload = w
+    names = {"llm": w.llm, "sd": w.sd}
+    args.models = [(names[k], kind) for k, kind in KINDS.items() if args.only in (None, k)]
+    header(
+        f"GPU efficiency through the platform ({w.name} workload{', smoke' if args.smoke else ''})"
+    )
     started = time.monotonic()
 
     import torch
 
     torch.set_num_threads(1)  # as the worker runs (SPOOL_TORCH_THREADS=1)
+    args.device = (
+        f"cuda: {torch.cuda.get_device_name()}"
+        if torch.cuda.is_available()
+        else "cpu, 1 torch thread"
+    )
     var_dir = settings.get().var_dir
-    models_dir = init_tiny(var_dir)["tiny-llm"].parent
+    # A smoke run's models are tiny under the workload's names: kept apart from real ones.
+    folder = "models-smoke" if args.smoke else "models"
+    built = time.monotonic()
+    shapes = w.shapes(args.smoke)
+    models_dir = var_dir / folder
+    tiny_models.init_models(var_dir, list(shapes), shapes=shapes, folder=folder)
+    console.print(f"models in {models_dir} ({time.monotonic() - built:.0f} s to build)")
+    reg = registry_file(models_dir, var_dir / f"bench-{w.name}-models.yaml", w)
+    args.specs = registry.load(reg)
     runs = run_platform(args, models_dir)
-    rows = report(args, runs, var_dir)  # direct calls run now, with the platform stopped
+    rows = report(args, runs)  # direct calls run now, with the platform stopped
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
+        meta = {"workload": asdict(w), "smoke": args.smoke, "device": args.device}
+        args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2, default=str))
     console.print(f"took {time.monotonic() - started:.0f} s")
     return 0
 
