@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU run of the inference benchmark (issue 3): random-weight models of real size
+# (Stable Diffusion 1.5's shapes at 512x512, 20 steps, float16; a 1.1B-parameter Llama,
+# 128 new tokens, bfloat16) through the platform, batched and unbatched, against the
+# direct pipeline; images/s and tokens/s. Made for a lent H200 (the device tool: offline,
+# CUDA PyTorch and transformers installed, no PostgreSQL or Redis server).
+#
+# Here, once:   bash scripts/device-wheels.sh          (the other packages, ~40 MB, in .whl/)
+# There:        run(command="bash scripts/gpu-bench.sh", carry=[".whl"], timeout_s=600)
+# Locally, with a GPU and `make install` done: PY=.venv/bin/python bash scripts/gpu-bench.sh
+#
+# Prints the summary tables last; writes gpu-bench.json and gpu-bench.log to $OUT (or /tmp).
+# Budget on an H200 (estimated, not yet run there): ~1 min to build the models, ~4 min
+# of windows and direct calls. SECONDS_PER_MODE shortens the windows.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-/tmp}
+PY=${PY:-python3}
+
+# The device's Python has torch but not the platform's packages: install the carried ones.
+if ! "$PY" -c 'import celery, flask, diffusers' 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+# The models (4 GB) go to local disk, not into the copy of the working tree.
+export SPOOL_VAR_DIR=${SPOOL_VAR_DIR:-/tmp/spool-var}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT_DIR/gpu-bench.log"
+"$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)' \
+    2>&1 | tee -a "$OUT_DIR/gpu-bench.log"
+"$PY" -m bench.bench_inference_platform --workload real --clients 16 \
+    --seconds "${SECONDS_PER_MODE:-16}" --repeats 3 --json "$OUT_DIR/gpu-bench.json" "$@" \
+    2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
