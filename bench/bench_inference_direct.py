@@ -81,6 +81,10 @@ class Row:
     images_s: float | None = None
     tokens_s: float | None = None
     jobs_s: float | None = None
+    # path "batched vs alone": jobs of one batch whose output equals their solo run, and for
+    # images the largest pixel difference (0-255) of any job from its solo run.
+    identical: int | None = None
+    max_pixel_diff: int | None = None
 
 
 class _QuietContext:
@@ -89,6 +93,7 @@ class _QuietContext:
     def __init__(self, job_input: dict[str, Any]) -> None:
         self.job_id = "job_bench"
         self.input = job_input
+        self.artifacts: list[bytes] = []  # kept for the batched-vs-alone check
 
     def progress(self, current: int, total: int) -> None:
         pass
@@ -103,7 +108,43 @@ class _QuietContext:
         pass
 
     def save_artifact(self, name: str, data: bytes, content_type: str) -> str:
+        self.artifacts.append(data)
         return ""
+
+
+def _pixels(png: bytes) -> Any:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def consistency_sd(backend: Any, inputs: list[dict[str, Any]]) -> Row:
+    """The same seeded jobs batched and each alone: the API promises the same image."""
+    batched = [_QuietContext(i) for i in inputs]
+    backend.predict(batched)
+    identical, worst = 0, 0
+    for job_input, ctx in zip(inputs, batched, strict=True):
+        alone = _QuietContext(job_input)
+        backend.predict([alone])
+        a, b = _pixels(ctx.artifacts[0]), _pixels(alone.artifacts[0])
+        diff = int(abs(a - b).max())
+        identical += diff == 0
+        worst = max(worst, diff)
+    name = backend.spec.name
+    return Row(
+        name, "batched vs alone", len(inputs), 0.0, identical=identical, max_pixel_diff=worst
+    )
+
+
+def consistency_llm(backend: Any, inputs: list[dict[str, Any]]) -> Row:
+    """The same seeded text jobs batched and each alone: the API promises the same text."""
+    batched = backend.predict([_QuietContext(i) for i in inputs])
+    alone = [backend.predict([_QuietContext(i)])[0] for i in inputs]
+    identical = sum(a["text"] == b["text"] for a, b in zip(batched, alone, strict=True))
+    return Row(backend.spec.name, "batched vs alone", len(inputs), 0.0, identical=identical)
 
 
 def _median_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -129,8 +170,14 @@ def _spec(name: str, var_dir: Path) -> registry.ModelSpec:
 
 
 def bench_sd(
-    spec: registry.ModelSpec, batches: list[int], repeats: int, w: Workload = WORKLOADS["tiny"]
+    spec: registry.ModelSpec,
+    batches: list[int],
+    repeats: int,
+    w: Workload = WORKLOADS["tiny"],
+    check: int = 0,
 ) -> list[Row]:
+    """Timed calls at each batch size; with `check`, a batch of that many jobs against
+    each job alone too."""
     import torch
 
     from workers.backends.diffusion import DiffusionBackend
@@ -161,12 +208,20 @@ def bench_sd(
         for path, run in (("pipeline", pipeline), ("backend", predict)):
             s = _median_seconds(run, repeats)
             rows.append(Row(spec.name, path, n, s, images_s=n / s, jobs_s=n / s))
+    if check:
+        inputs = [{"prompt": f"a photo of thing {i}", "seed": i, **sd_input} for i in range(check)]
+        rows.append(consistency_sd(backend, inputs))
     return rows
 
 
 def bench_llm(
-    spec: registry.ModelSpec, batches: list[int], repeats: int, w: Workload = WORKLOADS["tiny"]
+    spec: registry.ModelSpec,
+    batches: list[int],
+    repeats: int,
+    w: Workload = WORKLOADS["tiny"],
+    check: int = 0,
 ) -> list[Row]:
+    """As bench_sd; the check mixes greedy and sampled jobs."""
     from workers.backends.llm import LLMBackend
 
     backend = LLMBackend(spec)
@@ -194,6 +249,18 @@ def bench_llm(
         for path, run in (("pipeline", generate), ("backend", predict)):
             s = _median_seconds(run, repeats)
             rows.append(Row(spec.name, path, n, s, tokens_s=n * tokens / s, jobs_s=n / s))
+    if check:
+        inputs = [
+            {
+                "prompt": f"Question {i}: what does a worker do with a job?" + " more" * i,
+                "max_tokens": tokens,
+                "min_tokens": tokens,
+                "seed": i,
+                "temperature": 0 if i % 2 else 1.0,
+            }
+            for i in range(check)
+        ]
+        rows.append(consistency_llm(backend, inputs))
     return rows
 
 

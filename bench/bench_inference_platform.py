@@ -306,6 +306,7 @@ def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
 def report(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]:
     w: direct.Workload = args.workload
     rows: list[tuple[Any, ...]] = []
+    checks: list[direct.Row] = []
     targets: list[tuple[str, str, str]] = []
     out: list[dict[str, Any]] = []
     echo = next(r for r in runs if r.model == "echo")
@@ -330,7 +331,9 @@ def report(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]:
         bench = direct.bench_llm if kind == "text.generate" else direct.bench_sd
         # The full batch too where it is cheap (a tiny-sd batch of 8 takes seconds per call).
         sizes = {1, n_on, n_max} if kind == "text.generate" else {1, n_on}
-        ref = {(d.path, d.batch): d for d in bench(spec, sorted(sizes), args.repeats, w)}
+        measured = bench(spec, sorted(sizes), args.repeats, w, check=args.check)
+        checks += [d for d in measured if d.path == "batched vs alone"]
+        ref = {(d.path, d.batch): d for d in measured if d.path != "batched vs alone"}
         per_job = w.llm_tokens if kind == "text.generate" else 1
         for run, n in ((off, 1), (on, n_on)):
             mode = "off" if run.unbatched else "on"
@@ -384,6 +387,7 @@ def report(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]:
                 )
             )
         out += [{**asdict(d), "path": f"direct {d.path}"} for d in ref.values()]
+        out += [asdict(d) for d in checks if d.model == model]
         speedup = on.jobs_s / off.jobs_s if off.jobs_s else float("nan")
         if model == "tiny-llm" and not args.smoke:
             verdict = "met" if speedup >= 2.5 else "MISSED"
@@ -422,6 +426,22 @@ def report(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]:
             ],
         )
     )
+    if checks:
+        console.print(
+            table(
+                "Same seed, batched or alone (the API's promise): jobs of one batch of "
+                f"{args.check} whose output equals their solo run (direct backend.predict)",
+                ["model", "identical", "largest pixel difference (0-255)"],
+                [
+                    (
+                        c.model,
+                        f"{c.identical}/{c.batch}",
+                        "-" if c.max_pixel_diff is None else c.max_pixel_diff,
+                    )
+                    for c in checks
+                ],
+            )
+        )
     title = "Targets" + (
         " (a smoke run: tiny models, 2 s windows; not a measurement)" if args.smoke else ""
     )
@@ -436,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed direct calls per batch size")
     ap.add_argument("--only", choices=sorted(KINDS), default=None)
     ap.add_argument("--workload", choices=sorted(direct.WORKLOADS), default="tiny")
+    ap.add_argument(
+        "--check", type=int, default=4, help="jobs in the batched-vs-alone check (0: none)"
+    )
     ap.add_argument("--smoke", action="store_true", help="the workload's code path, in seconds")
     ap.add_argument("--json", type=Path, default=None, help="also write every row here")
     args = ap.parse_args(argv)
