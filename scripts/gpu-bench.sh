@@ -27,6 +27,11 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 # The models (4 GB) go to local disk, not into the copy of the working tree.
 export SPOOL_VAR_DIR=${SPOOL_VAR_DIR:-/tmp/spool-var}
 
+# As root, the embedded PostgreSQL (pgserver) runs postgres as a user it makes with useradd.
+if [ "$(id -u)" = 0 ] && ! command -v useradd >/dev/null; then
+    echo "gpu-bench: running as root without useradd: the embedded PostgreSQL cannot start" >&2
+    exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT_DIR/gpu-bench.log"
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)' \
     2>&1 | tee -a "$OUT_DIR/gpu-bench.log"

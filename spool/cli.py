@@ -121,6 +121,26 @@ def models_init_tiny(force: bool) -> None:
         click.echo(f"{name}: {path}")
 
 
+@models.command("init-random")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="rebuild even if present")
+def models_init_random(names: tuple[str, ...], force: bool) -> None:
+    """Build random-weight models of real size under var/models, to measure a GPU host
+    without downloading weights: sd15-random (Stable Diffusion 1.5's shapes),
+    llama-1b-random (a 1.1B-parameter Llama); tiny-sd and tiny-llm too. Add a registry
+    entry whose `source` is the printed folder to serve one."""
+    from spool import tiny_models
+
+    unknown = sorted(set(names) - set(tiny_models.PRESETS))
+    if unknown:
+        known = ", ".join(tiny_models.PRESETS)
+        raise click.BadParameter(
+            f"unknown {', '.join(unknown)} (known: {known})", param_hint="NAMES"
+        )
+    for name, path in tiny_models.init_models(settings.get().var_dir, list(names), force).items():
+        click.echo(f"{name}: {path}")
+
+
 @models.command("list")
 def models_list() -> None:
     """Print the registry."""

@@ -45,3 +45,14 @@ def test_users_create_prints_key_last_and_revoke(database_url: str, platform) ->
     assert api.get("/v1/jobs").status_code == 401
     r = api.post("/v1/auth/token", json={"api_key": key})
     assert r.status_code == 401
+
+
+def test_models_init_random_builds_presets_and_refuses_unknown_names(tmp_path) -> None:
+    import os
+
+    env = {**os.environ, "SPOOL_VAR_DIR": str(tmp_path)}
+    out = run(env, "models", "init-random", "tiny-llm")
+    assert out.stdout.strip() == f"tiny-llm: {tmp_path / 'models' / 'tiny-llm'}"
+    assert (tmp_path / "models" / "tiny-llm" / "tokenizer.json").is_file()
+    bad = run(env, "models", "init-random", "gpt-5", check=False)
+    assert bad.returncode == 2 and "unknown gpt-5" in bad.stderr and "sd15-random" in bad.stderr
