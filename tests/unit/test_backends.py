@@ -464,3 +464,77 @@ def test_text_jobs_join_a_running_decode_loop_and_get_what_they_would_alone(
     for i, job in ((1, joining[3]), (2, joining[8])):
         assert handed[i] == _alone(llm_backend, job)[0]
         assert "".join(ctxs[i].tokens) == handed[i]["text"]
+
+
+class _DeviceOf:
+    """The tiny pipeline on a device that holds at most `fits` images per call: a call
+    over that raises what torch raises on a full GPU (no GPU here to fill)."""
+
+    def __init__(self, pipe: Any, fits: int) -> None:
+        self.pipe, self.fits = pipe, fits
+        self.calls: list[tuple[int, bool]] = []  # (images, ran)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        import torch
+
+        n = len(kwargs["prompt"])
+        self.calls.append((n, n <= self.fits))
+        if n > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+        return self.pipe(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+
+def test_image_batch_out_of_memory_runs_again_in_halves_and_remembers(
+    tiny_models: dict[str, Path],
+) -> None:
+    from workers.backends.diffusion import DiffusionBackend
+
+    backend = DiffusionBackend(sd_spec(tiny_models["tiny-sd"]))
+    backend.setup()
+    real = backend.pipe
+    device = backend.pipe = _DeviceOf(real, fits=2)
+    jobs = [{"prompt": f"a cat {i}", "seed": i, "steps": 3} for i in range(4)]
+    jobs.append({"prompt": "two dogs", "seed": 9, "steps": 3, "num_images": 2})
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
+    outs = backend.predict(ctxs)
+    assert all(not isinstance(o, BaseException) for o in outs), outs
+    # 6 images refused; its halves (3 + 3) refused; then calls of at most 2, no job split.
+    assert device.calls[:3] == [(6, False), (3, False), (2, True)]
+    assert all(ran for _, ran in device.calls[3:]) and max(n for n, _ in device.calls[3:]) <= 2
+    for job, ctx in zip(jobs, ctxs, strict=True):
+        # Progress restarts with the call run again, but a job's reports never go back.
+        steps = [c for c, _ in ctx.progress_calls]
+        assert steps == sorted(set(steps)) and steps[-1] == 3
+        backend.pipe = real
+        _, alone = _alone(backend, job)
+        backend.pipe = device
+        for name in alone.artifacts:
+            _assert_same_image(ctx.artifacts[name][0], alone.artifacts[name][0])
+    # Remembered for the shape: the next batch goes out in calls that fit, none refused.
+    device.calls.clear()
+    backend.predict([RecordingContext(dict(j)) for j in jobs[:4]])
+    assert device.calls == [(2, True), (2, True)]
+
+
+def test_image_job_that_does_not_fit_alone_fails_with_out_of_memory(
+    tiny_models: dict[str, Path],
+) -> None:
+    from workers.backends.diffusion import DiffusionBackend
+
+    backend = DiffusionBackend(sd_spec(tiny_models["tiny-sd"]))
+    backend.setup()
+    backend.pipe = _DeviceOf(backend.pipe, fits=1)
+    jobs = [
+        {"prompt": "a cat", "seed": 1, "steps": 2},
+        {"prompt": "dogs", "seed": 2, "steps": 2, "num_images": 2, "width": 48},
+    ]
+    small, big = backend.predict([RecordingContext(dict(j)) for j in jobs])
+    assert not isinstance(small, BaseException)
+    assert isinstance(big, Exception) and getattr(big, "code", None) == "out_of_memory"
+    assert str(big) == (
+        "model tiny-sd ran out of device memory on 2 image(s) of 48x64, 2 steps: "
+        "CUDA out of memory. Tried to allocate 2.00 GiB"
+    )

@@ -26,6 +26,12 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded (missing files, out of memory, bad config)."""
 
 
+class OutOfMemory(RuntimeError):
+    """The job does not fit the device's memory even alone (its job fails with this code)."""
+
+    code = "out_of_memory"
+
+
 class JobContext(Protocol):
     """What a backend may do for one job of a batch."""
 

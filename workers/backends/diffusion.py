@@ -4,10 +4,15 @@ Every image has its own seeded generator, so its starting noise is the same whet
 it runs alone or in a batch. Progress and cancel are checked at every denoising step,
 per job: a canceled job stops reporting and is dropped from the results, the others
 go on; when every job of a call is canceled the call stops.
+
+A call that runs out of device memory is run again as two halves, and the backend
+remembers the size that failed for that shape: batching never fails a job that fits
+alone. A job that does not fit even alone fails with `out_of_memory`.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import threading
 from collections.abc import Hashable
@@ -18,7 +23,7 @@ import torch
 
 from spool.registry import ModelSpec
 from workers.backends import hf
-from workers.backends.base import Backend, JobContext, Result, register
+from workers.backends.base import Backend, JobContext, OutOfMemory, Result, register
 
 
 class _AllStopped(Exception):
@@ -43,6 +48,7 @@ class _Request:
     negative_prompt: str
     seeds: list[int]
     stopped: BaseException | None = None
+    reported: int = 0  # the last step reported: a call run again does not go back
 
 
 @register
@@ -55,6 +61,8 @@ class DiffusionBackend(Backend):
         self.device = torch.device("cpu")
         # A pipeline keeps per-call state on itself (step count, interrupt flag).
         self._lock = threading.Lock()
+        # Images per call for a shape, below max_batch_size once a call of it ran out of memory.
+        self.caps: dict[Shape, int] = {}
 
     def setup(self) -> None:
         hf.prepare_process()
@@ -111,7 +119,7 @@ class DiffusionBackend(Backend):
                 results[index] = exc
         with self._lock:
             for shape, requests in groups.items():
-                for call in self._pack(requests):
+                for call in self._pack(requests, self.caps.get(shape)):
                     self._run_call(shape, call, results)
         return [r if r is not None else RuntimeError("job was not run") for r in results]
 
@@ -127,9 +135,10 @@ class DiffusionBackend(Backend):
         seed = hf.seed_input(data)
         return _Request(index, ctx, prompt, negative, [seed + k for k in range(count)])
 
-    def _pack(self, requests: list[_Request]) -> list[list[_Request]]:
-        """Split into pipeline calls of at most max_batch_size images; a job is never split."""
-        cap = max(1, self.spec.max_batch_size)
+    def _pack(self, requests: list[_Request], cap: int | None = None) -> list[list[_Request]]:
+        """Split into pipeline calls of at most max_batch_size (or `cap`) images; a job is
+        never split."""
+        cap = max(1, min(self.spec.max_batch_size, cap or self.spec.max_batch_size))
         calls: list[list[_Request]] = []
         size = cap
         for request in requests:
@@ -156,7 +165,7 @@ class DiffusionBackend(Backend):
             total = pipe.num_timesteps  # second-order schedulers call back 2N-1 times
             for request in live:
                 if request.stopped is None:
-                    request.stopped = _report(request.ctx, step + 1, total)
+                    request.stopped = _report(request, step + 1, total)
             if all(request.stopped is not None for request in live):
                 raise _AllStopped
             return tensors
@@ -165,6 +174,7 @@ class DiffusionBackend(Backend):
         negatives = [r.negative_prompt for r in live for _ in r.seeds]
         # CPU generators: the same noise on any device, drawn per image.
         generators = [torch.Generator("cpu").manual_seed(s) for r in live for s in r.seeds]
+        oom: str | None = None
         try:
             images = self.pipe(
                 prompt=prompts,
@@ -179,9 +189,14 @@ class DiffusionBackend(Backend):
             ).images
         except _AllStopped:
             images = []
-        except Exception as exc:  # e.g. out of memory: this call's jobs fail, later calls still run
+        except torch.OutOfMemoryError as exc:
+            oom = _first_line(exc)  # the traceback holds the call's tensors: let go first
+        except Exception as exc:  # this call's jobs fail, later calls still run
             for request in live:
                 results[request.index] = request.stopped or exc
+            return
+        if oom is not None:
+            self._out_of_memory(shape, live, results, oom)
             return
         offset = 0
         for request in live:
@@ -195,12 +210,52 @@ class DiffusionBackend(Backend):
             except Exception as exc:  # storing this job's images failed; the others stand
                 results[request.index] = exc
 
+    def _out_of_memory(
+        self, shape: Shape, live: list[_Request], results: list[Result | None], reason: str
+    ) -> None:
+        """A call too big for the device: run it again as two halves, and cap the shape's
+        later calls at the larger half; a job alone that does not fit fails."""
+        _free_device_memory(self.device)
+        images = sum(len(r.seeds) for r in live)
+        if len(live) == 1:
+            request = live[0]
+            results[request.index] = request.stopped or OutOfMemory(
+                f"model {self.spec.name} ran out of device memory on {images} image(s) of "
+                f"{shape.width}x{shape.height}, {shape.steps} steps: {reason}"
+            )
+            return
+        half, size = 0, 0
+        while size < images / 2 and half < len(live) - 1:
+            size += len(live[half].seeds)
+            half += 1
+        self.caps[shape] = max(size, images - size)
+        for part in (live[:half], live[half:]):
+            for r in part:
+                if r.stopped is not None:  # canceled (or failed to report) during the call
+                    results[r.index] = r.stopped
+            # Packed again: the first half may have lowered the cap for the second.
+            for call in self._pack([r for r in part if r.stopped is None], self.caps[shape]):
+                self._run_call(shape, call, results)
 
-def _report(ctx: JobContext, current: int, total: int) -> BaseException | None:
+
+def _free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        gc.collect()  # the failed call's frames and tensors, held in reference cycles
+        torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _report(request: _Request, current: int, total: int) -> BaseException | None:
     """Check the job's cancel flag and report progress; the exception that stops it, if any."""
     try:
-        ctx.check()
-        ctx.progress(current, total)
+        request.ctx.check()
+        if current > request.reported:
+            request.ctx.progress(current, total)
+            request.reported = current
     except Exception as exc:  # kept in this job's slot; the batch goes on
         return exc
     return None
