@@ -20,6 +20,7 @@
 | spool_microbatch_size              | histogram | model               | jobs starting a batch     |
 | spool_microbatch_joined_total      | counter   | model               | jobs joining a running one|
 | spool_model_busy_seconds_total     | counter   | model               | seconds running batches   |
+| spool_model_out_of_memory_total    | counter   | model               | calls out of GPU memory   |
 | spool_model_steps_total            | counter   | model               | text model forward passes |
 | spool_model_step_rows_total        | counter   | model               | jobs in those passes      |
 | spool_model_load_seconds           | histogram | model               | model load time           |
@@ -171,6 +172,12 @@ MODEL_BUSY = Counter(
     "spool_model_busy_seconds",
     "Wall seconds a model spent running micro-batches. Its rate is how busy the model "
     "kept its device: 1 per worker process is never idle; less, it waited for jobs.",
+    ["model"],
+)
+MODEL_OUT_OF_MEMORY = Counter(
+    "spool_model_out_of_memory",
+    "Model calls that ran out of device memory (a diffusion call then runs again in halves, "
+    "and later calls of that shape at the lowered size).",
     ["model"],
 )
 MODEL_STEPS = Counter(
@@ -344,6 +351,7 @@ _DEFINED: tuple[Counter | Gauge | Histogram, ...] = (
     MICROBATCH_SIZE,
     MICROBATCH_JOINED,
     MODEL_BUSY,
+    MODEL_OUT_OF_MEMORY,
     MODEL_STEPS,
     MODEL_STEP_ROWS,
     MODEL_LOAD_TIME,

@@ -490,12 +490,19 @@ class _DeviceOf:
 def test_image_batch_out_of_memory_runs_again_in_halves_and_remembers(
     tiny_models: dict[str, Path],
 ) -> None:
+    from prometheus_client import REGISTRY
+
     from workers.backends.diffusion import DiffusionBackend
 
-    backend = DiffusionBackend(sd_spec(tiny_models["tiny-sd"]))
+    def out_of_memory() -> float:
+        labels = {"model": "tiny-sd-oom"}
+        return REGISTRY.get_sample_value("spool_model_out_of_memory_total", labels) or 0.0
+
+    backend = DiffusionBackend(sd_spec(tiny_models["tiny-sd"], name="tiny-sd-oom"))
     backend.setup()
     real = backend.pipe
     device = backend.pipe = _DeviceOf(real, fits=2)
+    before = out_of_memory()
     jobs = [{"prompt": f"a cat {i}", "seed": i, "steps": 3} for i in range(4)]
     jobs.append({"prompt": "two dogs", "seed": 9, "steps": 3, "num_images": 2})
     ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
@@ -503,6 +510,7 @@ def test_image_batch_out_of_memory_runs_again_in_halves_and_remembers(
     assert all(not isinstance(o, BaseException) for o in outs), outs
     # 6 images refused; its halves (3 + 3) refused; then calls of at most 2, no job split.
     assert device.calls[:3] == [(6, False), (3, False), (2, True)]
+    assert out_of_memory() - before == 2
     assert all(ran for _, ran in device.calls[3:]) and max(n for n, _ in device.calls[3:]) <= 2
     for job, ctx in zip(jobs, ctxs, strict=True):
         # Progress restarts with the call run again, but a job's reports never go back.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import io
+import logging
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from typing import Any
 
 import torch
 
+from spool import metrics
 from spool.registry import ModelSpec
 from workers.backends import hf
 from workers.backends.base import Backend, JobContext, OutOfMemory, Result, register
+
+log = logging.getLogger("spool.diffusion")
 
 
 class _AllStopped(Exception):
@@ -217,6 +221,11 @@ class DiffusionBackend(Backend):
         later calls at the larger half; a job alone that does not fit fails."""
         _free_device_memory(self.device)
         images = sum(len(r.seeds) for r in live)
+        metrics.MODEL_OUT_OF_MEMORY.labels(self.spec.name).inc()
+        log.warning(
+            "model %s ran out of device memory on %d image(s) of %dx%d: %s",
+            self.spec.name, images, shape.width, shape.height, reason,
+        )  # fmt: skip
         if len(live) == 1:
             request = live[0]
             results[request.index] = request.stopped or OutOfMemory(
