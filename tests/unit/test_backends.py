@@ -546,3 +546,40 @@ def test_image_job_that_does_not_fit_alone_fails_with_out_of_memory(
         "model tiny-sd ran out of device memory on 2 image(s) of 48x64, 2 steps: "
         "CUDA out of memory. Tried to allocate 2.00 GiB"
     )
+
+
+class _ModelOnDeviceOf:
+    """The tiny LM on a device that holds at most `fits` rows per forward pass."""
+
+    def __init__(self, model: Any, fits: int) -> None:
+        self.model, self.fits = model, fits
+
+    def __call__(self, **kwargs: Any) -> Any:
+        import torch
+
+        if kwargs["input_ids"].shape[0] > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore")
+        return self.model(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def test_text_batch_out_of_memory_fails_its_rows_clearly_and_the_model_goes_on(
+    tiny_models: dict[str, Path],
+) -> None:
+    from workers.backends.llm import LLMBackend
+
+    backend = LLMBackend(llm_spec(tiny_models["tiny-llm"]))
+    backend.setup()
+    backend.model = _ModelOnDeviceOf(backend.model, fits=2)
+    job = {"prompt": "Hi", "max_tokens": 4, "min_tokens": 4}
+    outs = backend.predict([RecordingContext({**job, "seed": i}) for i in range(3)])
+    for out in outs:
+        assert isinstance(out, Exception) and getattr(out, "code", None) == "out_of_memory"
+        assert str(out) == (
+            "model tiny-llm ran out of device memory decoding 3 rows: "
+            "CUDA out of memory. Tried to allocate 1.00 GiB"
+        )
+    alone = backend.predict([RecordingContext({**job, "seed": 1})])[0]
+    assert not isinstance(alone, BaseException) and alone["usage"]["completion_tokens"] == 4

@@ -12,9 +12,7 @@ alone. A job that does not fit even alone fails with `out_of_memory`.
 
 from __future__ import annotations
 
-import gc
 import io
-import logging
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -22,12 +20,9 @@ from typing import Any
 
 import torch
 
-from spool import metrics
 from spool.registry import ModelSpec
 from workers.backends import hf
 from workers.backends.base import Backend, JobContext, OutOfMemory, Result, register
-
-log = logging.getLogger("spool.diffusion")
 
 
 class _AllStopped(Exception):
@@ -194,7 +189,7 @@ class DiffusionBackend(Backend):
         except _AllStopped:
             images = []
         except torch.OutOfMemoryError as exc:
-            oom = _first_line(exc)  # the traceback holds the call's tensors: let go first
+            oom = hf.first_line(exc)  # the traceback holds the call's tensors: let go first
         except Exception as exc:  # this call's jobs fail, later calls still run
             for request in live:
                 results[request.index] = request.stopped or exc
@@ -219,13 +214,8 @@ class DiffusionBackend(Backend):
     ) -> None:
         """A call too big for the device: run it again as two halves, and cap the shape's
         later calls at the larger half; a job alone that does not fit fails."""
-        _free_device_memory(self.device)
+        hf.free_device_memory(self.device, self.spec, reason)
         images = sum(len(r.seeds) for r in live)
-        metrics.MODEL_OUT_OF_MEMORY.labels(self.spec.name).inc()
-        log.warning(
-            "model %s ran out of device memory on %d image(s) of %dx%d: %s",
-            self.spec.name, images, shape.width, shape.height, reason,
-        )  # fmt: skip
         if len(live) == 1:
             request = live[0]
             results[request.index] = request.stopped or OutOfMemory(
@@ -245,17 +235,6 @@ class DiffusionBackend(Backend):
             # Packed again: the first half may have lowered the cap for the second.
             for call in self._pack([r for r in part if r.stopped is None], self.caps[shape]):
                 self._run_call(shape, call, results)
-
-
-def _free_device_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        gc.collect()  # the failed call's frames and tensors, held in reference cycles
-        torch.cuda.empty_cache()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _report(request: _Request, current: int, total: int) -> BaseException | None:

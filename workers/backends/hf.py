@@ -6,6 +6,8 @@ imports them when the `gpu` extra is installed.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import secrets
 import threading
@@ -14,9 +16,11 @@ from typing import Any
 
 import torch
 
-from spool import settings
+from spool import metrics, settings
 from spool.registry import ModelSpec
 from workers.backends.base import JobCanceled, JobContext, JobTimedOut, ModelLoadError
+
+log = logging.getLogger("spool.backends")
 
 # What ctx.check() raises: the job stops, the other jobs of its batch go on.
 STOPS: tuple[type[BaseException], ...] = (JobCanceled, JobTimedOut)
@@ -122,6 +126,21 @@ def load_kwargs(spec: ModelSpec) -> dict[str, Any]:
 def load_failed(spec: ModelSpec, source: str, exc: BaseException) -> ModelLoadError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ModelLoadError(f"model {spec.name} failed to load from {source}: {reason}")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def free_device_memory(device: torch.device, spec: ModelSpec, reason: str) -> None:
+    """After a call ran out of device memory: count and log it, and give the allocator's
+    cached blocks back, so the next call starts from what is really in use."""
+    metrics.MODEL_OUT_OF_MEMORY.labels(spec.name).inc()
+    log.warning("model %s ran out of device memory: %s", spec.name, reason)
+    if device.type == "cuda":
+        gc.collect()  # the failed call's frames and tensors, held in reference cycles
+        torch.cuda.empty_cache()
 
 
 def stop_reason(ctx: JobContext) -> BaseException | None:

@@ -20,7 +20,15 @@ import torch
 from spool import metrics
 from spool.registry import ModelSpec
 from workers.backends import hf
-from workers.backends.base import Admit, Backend, Deliver, JobContext, Result, register
+from workers.backends.base import (
+    Admit,
+    Backend,
+    Deliver,
+    JobContext,
+    OutOfMemory,
+    Result,
+    register,
+)
 
 
 @dataclass
@@ -160,13 +168,27 @@ class LLMBackend(Backend):
         if self.model is None:
             raise RuntimeError("LLMBackend.predict called before setup()")
         rows = self._rows(enumerate(jobs), deliver)
+        oom: str | None = None
         with self._lock, torch.inference_mode():
             try:
                 self._decode(rows, deliver, admit)
-            except Exception as exc:  # e.g. out of memory: rows still running fail with it
+            except torch.OutOfMemoryError as exc:
+                oom = hf.first_line(exc)  # its traceback holds the loop's tensors: let go first
+            except Exception as exc:  # rows still running fail with it
                 for row in rows:
                     if row.result is None:
                         row.result = exc
+        if oom is not None:
+            # A step may have grown some layers' cache and not others: the loop cannot go on.
+            # Its rows still running fail with a clear reason; the model serves the next batch.
+            running = [row for row in rows if row.result is None]
+            hf.free_device_memory(self.device, self.spec, oom)
+            error = OutOfMemory(
+                f"model {self.spec.name} ran out of device memory decoding {len(running)} "
+                f"rows: {oom}"
+            )
+            for row in running:
+                row.result = error
         for row in rows:  # whatever the loop did not hand over (it failed midway)
             if not row.delivered:
                 _hand_over(row, deliver)
