@@ -163,6 +163,10 @@ tests:
         values: '0+50x20'
       - series: 'spool_webhook_deliveries_total{{event="job.completed", outcome="gave_up"}}'
         values: '0 0 0 1 1 1 1 1 1 1 1'
+      - series: 'spool_model_out_of_memory_total{{model="tiny-sd", instance="worker-1"}}'
+        values: '0 0 0 0 2 2 2 2 2 2 2'
+      - series: 'spool_model_out_of_memory_total{{model="tiny-llm", instance="worker-1"}}'
+        values: '0x10'
     alert_rule_test:
       - eval_time: 10m
         alertname: SpoolNoWorkerForModel
@@ -189,6 +193,18 @@ tests:
           - exp_labels: {{severity: warning, event: job.completed}}
             exp_annotations:
               summary: 1 job.completed webhook deliveries given up in the last hour
+      - eval_time: 3m
+        alertname: SpoolModelOutOfMemory
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: SpoolModelOutOfMemory
+        exp_alerts:
+          - exp_labels: {{severity: warning, model: tiny-sd}}
+            exp_annotations:
+              summary: tiny-sd ran out of GPU memory in the last 15 minutes
+              description: >-
+                Calls of tiny-sd ran out of device memory. Lower its max_batch_size, or its
+                size and token limits, in the model registry, or give it a GPU of its own.
 """
 
 
