@@ -84,6 +84,12 @@ class MicroBatcher:
             raise RuntimeError("the batch ended without a result for this job")
         return item.result
 
+    @property
+    def limit(self) -> int:
+        """Jobs per batch: max_batch_size, or less where the backend lowered it."""
+        lowered = self.backend.batch_limit
+        return self.max_batch_size if lowered is None else max(1, min(lowered, self.max_batch_size))
+
     def pending(self) -> int:
         """Jobs waiting for a batch (not counting those in the batch running now)."""
         with self._cond:
@@ -115,16 +121,17 @@ class MicroBatcher:
             first = self._waiting.popleft()
             batch = [first]
             deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_batch_size:
+            limit = self.limit
+            while len(batch) < limit:
                 # Take compatible jobs in arrival order; the others wait for their own batch.
                 for item in list(self._waiting):
                     if item.key == first.key:
                         self._waiting.remove(item)
                         batch.append(item)
-                        if len(batch) == self.max_batch_size:
+                        if len(batch) == limit:
                             break
                 left = deadline - time.monotonic()
-                if len(batch) == self.max_batch_size or left <= 0 or self._closed:
+                if len(batch) == limit or left <= 0 or self._closed:
                     break
                 self._cond.wait(left)
             return batch
@@ -152,7 +159,7 @@ class MicroBatcher:
             # jobs keep joining: its busy time is counted as it goes.
             if time.perf_counter() - counted >= BUSY_COUNT_EVERY_S:
                 count_busy()
-            room = self.max_batch_size - running
+            room = self.limit - running
             if room <= 0 or not self._waiting:  # a glance without the lock: most steps
                 return []
             with self._cond:

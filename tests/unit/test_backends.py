@@ -583,3 +583,19 @@ def test_text_batch_out_of_memory_fails_its_rows_clearly_and_the_model_goes_on(
         )
     alone = backend.predict([RecordingContext({**job, "seed": 1})])[0]
     assert not isinstance(alone, BaseException) and alone["usage"]["completion_tokens"] == 4
+    # Later batches are cut to half the rows that ran out: the same three jobs, sent at
+    # once through the micro-batcher, now fit.
+    assert backend.batch_limit == 1
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.batching import MicroBatcher
+
+    batcher = MicroBatcher(backend, max_batch_size=16, wait_ms=50)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            jobs = [RecordingContext({**job, "seed": i}) for i in range(3)]
+            outs = list(pool.map(batcher.run, jobs))
+    finally:
+        batcher.close()
+    assert [o["usage"]["completion_tokens"] for o in outs] == [4, 4, 4]
+    assert max(batcher.batch_sizes) == 1

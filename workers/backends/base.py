@@ -67,6 +67,9 @@ class Backend(ABC):
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        # Jobs per batch below the registry's max_batch_size, once a batch of the model ran
+        # out of device memory (the micro-batcher forms and fills batches up to it).
+        self.batch_limit: int | None = None
 
     @abstractmethod
     def setup(self) -> None:

@@ -189,6 +189,9 @@ class LLMBackend(Backend):
             )
             for row in running:
                 row.result = error
+            # Later batches at half the rows that ran out (until the worker restarts).
+            self.batch_limit = max(1, len(running) // 2)
+            hf.log.warning("model %s: batches of at most %d rows", self.spec.name, self.batch_limit)
         for row in rows:  # whatever the loop did not hand over (it failed midway)
             if not row.delivered:
                 _hand_over(row, deliver)
