@@ -549,15 +549,20 @@ def test_image_job_that_does_not_fit_alone_fails_with_out_of_memory(
 
 
 class _ModelOnDeviceOf:
-    """The tiny LM on a device that holds at most `fits` rows per forward pass."""
+    """The tiny LM on a device that holds at most `cells` tokens of a batch's context
+    (rows x attention width) per forward pass: a batch fits at first and runs out of
+    memory as its texts grow, as a KV cache does on a full GPU."""
 
-    def __init__(self, model: Any, fits: int) -> None:
-        self.model, self.fits = model, fits
+    def __init__(self, model: Any, cells: int) -> None:
+        self.model, self.cells = model, cells
+        self.passes: list[tuple[int, bool]] = []  # (rows, ran)
 
     def __call__(self, **kwargs: Any) -> Any:
         import torch
 
-        if kwargs["input_ids"].shape[0] > self.fits:
+        rows, width = kwargs["attention_mask"].shape
+        self.passes.append((rows, rows * width <= self.cells))
+        if rows * width > self.cells:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore")
         return self.model(**kwargs)
 
@@ -565,37 +570,96 @@ class _ModelOnDeviceOf:
         return getattr(self.model, name)
 
 
-def test_text_batch_out_of_memory_fails_its_rows_clearly_and_the_model_goes_on(
+def test_text_batch_out_of_memory_goes_on_in_halves_without_losing_a_token(
+    tiny_models: dict[str, Path],
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from workers.backends.llm import LLMBackend
+
+    def out_of_memory() -> float:
+        labels = {"model": "tiny-llm-oom"}
+        return REGISTRY.get_sample_value("spool_model_out_of_memory_total", labels) or 0.0
+
+    backend = LLMBackend(llm_spec(tiny_models["tiny-llm"], name="tiny-llm-oom"))
+    backend.setup()
+    real = backend.model
+    jobs = [
+        {"prompt": "Hi", "max_tokens": 12, "min_tokens": 12, "seed": i, "temperature": 1.0}
+        for i in range(4)
+    ]
+    jobs[3]["temperature"] = 0  # greedy rows go on as well as sampled ones
+    expected = [_alone(backend, job)[0] for job in jobs]
+    prompt_len = expected[0]["usage"]["prompt_tokens"]
+    # Two rows fit to the end (the last pass attends over the prompt and 11 tokens);
+    # four rows fit the prompts and a few tokens, then run out.
+    device = backend.model = _ModelOnDeviceOf(real, cells=2 * (prompt_len + 11))
+    assert 4 * (prompt_len + 2) <= device.cells < 4 * (prompt_len + 11)
+    before = out_of_memory()
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
+    outs = backend.predict(ctxs)
+    assert out_of_memory() - before == 1
+    assert (4, False) in device.passes and device.passes[0] == (4, True)  # ran out midway
+    assert outs == expected  # the texts they would have had, token counts included
+    for out, ctx in zip(outs, ctxs, strict=True):
+        assert isinstance(out, dict) and "".join(ctx.tokens) == out["text"]  # none twice
+        steps = [c for c, _ in ctx.progress_calls]
+        assert steps == list(range(1, 13))  # progress never goes back
+    # Later batches are capped at the half that fit, for a while.
+    assert backend.batch_limit == 2
+    device.passes.clear()
+    assert backend.predict([RecordingContext(dict(j)) for j in jobs[:2]]) == expected[:2]
+    assert all(ran for _, ran in device.passes)
+
+
+def test_text_row_that_does_not_fit_alone_fails_with_out_of_memory(
     tiny_models: dict[str, Path],
 ) -> None:
     from workers.backends.llm import LLMBackend
 
     backend = LLMBackend(llm_spec(tiny_models["tiny-llm"]))
     backend.setup()
-    backend.model = _ModelOnDeviceOf(backend.model, fits=2)
-    job = {"prompt": "Hi", "max_tokens": 4, "min_tokens": 4}
-    outs = backend.predict([RecordingContext({**job, "seed": i}) for i in range(3)])
-    for out in outs:
-        assert isinstance(out, Exception) and getattr(out, "code", None) == "out_of_memory"
-        assert str(out) == (
-            "model tiny-llm ran out of device memory decoding 3 rows: "
-            "CUDA out of memory. Tried to allocate 1.00 GiB"
-        )
-    alone = backend.predict([RecordingContext({**job, "seed": 1})])[0]
-    assert not isinstance(alone, BaseException) and alone["usage"]["completion_tokens"] == 4
-    # Later batches are cut to half the rows that ran out: the same three jobs, sent at
-    # once through the micro-batcher, now fit.
-    assert backend.batch_limit == 1
+    short = {"prompt": "Hi", "max_tokens": 2, "min_tokens": 2, "seed": 1}
+    prompt_len = _alone(backend, short)[0]["usage"]["prompt_tokens"]
+    backend.model = _ModelOnDeviceOf(backend.model, cells=prompt_len + 3)
+    long = {**short, "max_tokens": 8, "min_tokens": 8}
+    handed: dict[int, Any] = {}
+    ctxs = [RecordingContext(dict(j)) for j in (short, long)]
+    backend.predict_each(ctxs, lambda i, result: handed.setdefault(i, result))
+    assert handed[0]["usage"]["completion_tokens"] == 2  # fits alone: it ran to its end
+    assert isinstance(handed[1], Exception) and getattr(handed[1], "code", None) == "out_of_memory"
+    assert str(handed[1]) == (
+        f"model tiny-llm ran out of device memory decoding one row of {prompt_len + 4} "
+        "tokens: CUDA out of memory. Tried to allocate 1.00 GiB"
+    )
+    assert len(ctxs[1].tokens) > 0  # what it streamed before stays its own
+    # The micro-batcher forms batches under the learned cap.
     from concurrent.futures import ThreadPoolExecutor
 
     from workers.batching import MicroBatcher
 
+    assert backend.batch_limit == 1
     batcher = MicroBatcher(backend, max_batch_size=16, wait_ms=50)
     try:
         with ThreadPoolExecutor(3) as pool:
-            jobs = [RecordingContext({**job, "seed": i}) for i in range(3)]
-            outs = list(pool.map(batcher.run, jobs))
+            outs = list(pool.map(batcher.run, [RecordingContext(dict(short)) for _ in range(3)]))
     finally:
         batcher.close()
-    assert [o["usage"]["completion_tokens"] for o in outs] == [4, 4, 4]
+    assert [o["usage"]["completion_tokens"] for o in outs] == [2, 2, 2]
     assert max(batcher.batch_sizes) == 1
+
+
+def test_learned_caps_only_go_down_and_are_forgotten_after_their_ttl() -> None:
+    from workers.backends.base import LearnedCaps
+
+    now = [0.0]
+    caps = LearnedCaps(ttl_s=60.0, clock=lambda: now[0])
+    assert caps.get() is None
+    assert caps.lower(4) and caps.get() == 4
+    assert not caps.lower(6) and caps.get() == 4  # never raised while in force
+    assert caps.lower(2, key="512x512") and caps.get("512x512") == 2 and caps.get() == 4
+    now[0] = 59.0
+    assert caps.get() == 4
+    now[0] = 60.0
+    assert caps.get() is None and caps.get("512x512") is None  # memory may be back: try
+    assert caps.lower(8) and caps.get() == 8

@@ -7,6 +7,8 @@ tokens and cancel go through each job's `JobContext`.
 
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from typing import Any, ClassVar, Protocol
@@ -30,6 +32,40 @@ class OutOfMemory(RuntimeError):
     """The job does not fit the device's memory even alone (its job fails with this code)."""
 
     code = "out_of_memory"
+
+
+class LearnedCaps:
+    """Batch sizes learned from running out of device memory, per key (an image shape;
+    None for the model as a whole), each forgotten `ttl_s` after it was set: memory
+    freed since (another process on the GPU gone, a fragmented allocator emptied) is
+    used again, for the price of one refused call per `ttl_s` where the cap was right."""
+
+    TTL_S = 600.0
+
+    def __init__(self, ttl_s: float = TTL_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self._clock = ttl_s, clock
+        self._caps: dict[Hashable, tuple[int, float]] = {}
+        self._lock = threading.Lock()  # the micro-batcher reads while the model thread sets
+
+    def get(self, key: Hashable = None) -> int | None:
+        with self._lock:
+            found = self._caps.get(key)
+            if found is None:
+                return None
+            if self._clock() - found[1] >= self.ttl_s:
+                del self._caps[key]
+                return None
+            return found[0]
+
+    def lower(self, cap: int, key: Hashable = None) -> bool:
+        """Cap `key`'s batches at `cap` from now on (a cap in force is never raised);
+        True when that lowered it."""
+        current = self.get(key)
+        if current is not None and current <= cap:
+            return False
+        with self._lock:
+            self._caps[key] = (max(1, cap), self._clock())
+        return True
 
 
 class JobContext(Protocol):
@@ -67,9 +103,15 @@ class Backend(ABC):
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        # Jobs per batch below the registry's max_batch_size, once a batch of the model ran
-        # out of device memory (the micro-batcher forms and fills batches up to it).
-        self.batch_limit: int | None = None
+        # Batch sizes below the registry's max_batch_size, learned where a batch of the
+        # model ran out of device memory.
+        self.caps = LearnedCaps()
+
+    @property
+    def batch_limit(self) -> int | None:
+        """Jobs per batch below max_batch_size, for now (the micro-batcher forms and fills
+        batches up to it); None while no batch of the model ran out of memory lately."""
+        return self.caps.get(None)
 
     @abstractmethod
     def setup(self) -> None:

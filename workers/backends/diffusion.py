@@ -6,8 +6,9 @@ per job: a canceled job stops reporting and is dropped from the results, the oth
 go on; when every job of a call is canceled the call stops.
 
 A call that runs out of device memory is run again as two halves, and the backend
-remembers the size that failed for that shape: batching never fails a job that fits
-alone. A job that does not fit even alone fails with `out_of_memory`.
+caps that shape's calls at the larger half for a while (`LearnedCaps`): batching never
+fails a job that fits alone. A job that does not fit even alone fails with
+`out_of_memory`.
 """
 
 from __future__ import annotations
@@ -60,8 +61,6 @@ class DiffusionBackend(Backend):
         self.device = torch.device("cpu")
         # A pipeline keeps per-call state on itself (step count, interrupt flag).
         self._lock = threading.Lock()
-        # Images per call for a shape, below max_batch_size once a call of it ran out of memory.
-        self.caps: dict[Shape, int] = {}
 
     def setup(self) -> None:
         hf.prepare_process()
@@ -227,13 +226,13 @@ class DiffusionBackend(Backend):
         while size < images / 2 and half < len(live) - 1:
             size += len(live[half].seeds)
             half += 1
-        self.caps[shape] = max(size, images - size)
+        self.caps.lower(max(size, images - size), shape)
         for part in (live[:half], live[half:]):
             for r in part:
                 if r.stopped is not None:  # canceled (or failed to report) during the call
                     results[r.index] = r.stopped
             # Packed again: the first half may have lowered the cap for the second.
-            for call in self._pack([r for r in part if r.stopped is None], self.caps[shape]):
+            for call in self._pack([r for r in part if r.stopped is None], self.caps.get(shape)):
                 self._run_call(shape, call, results)
 
 

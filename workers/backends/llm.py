@@ -5,6 +5,7 @@ backend runs its own decode loop over a KV cache: each row has its own seeded
 generator, temperature, top_p, stop strings, token stream and cancel. Rows that finish
 leave the batch (their cache rows are dropped), so the rest run at the smaller size, and
 their jobs end there and then (`predict_each`), not with the batch's longest row.
+A batch that runs out of device memory goes on in halves (`_decode_fitting`).
 """
 
 from __future__ import annotations
@@ -168,33 +169,49 @@ class LLMBackend(Backend):
         if self.model is None:
             raise RuntimeError("LLMBackend.predict called before setup()")
         rows = self._rows(enumerate(jobs), deliver)
-        oom: str | None = None
         with self._lock, torch.inference_mode():
-            try:
-                self._decode(rows, deliver, admit)
-            except torch.OutOfMemoryError as exc:
-                oom = hf.first_line(exc)  # its traceback holds the loop's tensors: let go first
-            except Exception as exc:  # rows still running fail with it
-                for row in rows:
-                    if row.result is None:
-                        row.result = exc
-        if oom is not None:
-            # A step may have grown some layers' cache and not others: the loop cannot go on.
-            # Its rows still running fail with a clear reason; the model serves the next batch.
-            running = [row for row in rows if row.result is None]
-            hf.free_device_memory(self.device, self.spec, oom)
-            error = OutOfMemory(
-                f"model {self.spec.name} ran out of device memory decoding {len(running)} "
-                f"rows: {oom}"
-            )
-            for row in running:
-                row.result = error
-            # Later batches at half the rows that ran out (until the worker restarts).
-            self.batch_limit = max(1, len(running) // 2)
-            hf.log.warning("model %s: batches of at most %d rows", self.spec.name, self.batch_limit)
+            self._decode_fitting(rows, deliver, admit)
         for row in rows:  # whatever the loop did not hand over (it failed midway)
             if not row.delivered:
                 _hand_over(row, deliver)
+
+    def _decode_fitting(self, rows: list[_Row], deliver: Deliver, admit: Admit | None) -> None:
+        """Decode `rows`; when the device runs out of memory, the rows still running go
+        on in two halves, one after the other, each from the tokens it has (its stream,
+        progress and generator carry on where they were: nothing is sent twice, and
+        the text is the one it would have been). Later batches are capped at the half
+        that fits. A row that does not fit alone fails with out_of_memory."""
+        oom: str | None = None
+        try:
+            self._decode(rows, deliver, admit)
+        except torch.OutOfMemoryError as exc:
+            oom = hf.first_line(exc)  # its traceback holds the loop's tensors: let go first
+        except Exception as exc:  # rows still running fail with it
+            for row in rows:
+                if row.result is None:
+                    row.result = exc
+        if oom is None:
+            return
+        # A step may have grown some layers' cache and not others: that loop cannot go on.
+        running = [row for row in rows if row.result is None]
+        hf.free_device_memory(self.device, self.spec, oom)
+        if len(running) <= 1:
+            for row in running:
+                row.result = OutOfMemory(
+                    f"model {self.spec.name} ran out of device memory decoding one row of "
+                    f"{len(row.prompt_ids) + len(row.ids)} tokens: {oom}"
+                )
+            return
+        half = len(running) - len(running) // 2
+        if self.caps.lower(half):
+            hf.log.warning(
+                "model %s: batches of at most %d rows for %.0f s",
+                self.spec.name,
+                half,
+                self.caps.ttl_s,
+            )
+        for part in (running[:half], running[half:]):
+            self._decode_fitting(part, deliver, None)
 
     # --- inputs -------------------------------------------------------------------
     def _rows(self, jobs: Iterable[tuple[int, JobContext]], deliver: Deliver) -> list[_Row]:
@@ -329,16 +346,19 @@ class LLMBackend(Backend):
         return active
 
     def _prefill(self, active: list[_Row]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the prompts: (cache, attention mask, each row's last position, logits)."""
+        """Run the prompts, each with the tokens its row has taken already (a row that
+        goes on after running out of memory): (cache, attention mask, each row's last
+        position, logits)."""
         from transformers import DynamicCache
 
-        width = max(len(row.prompt_ids) for row in active)
+        contexts = [row.prompt_ids + row.ids for row in active]
+        width = max(len(c) for c in contexts)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(active), width), pad, dtype=torch.long)
         mask = torch.zeros((len(active), width), dtype=torch.long)
-        for i, row in enumerate(active):  # left padding: every row's last token is aligned
-            ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-            mask[i, width - len(row.prompt_ids) :] = 1
+        for i, context in enumerate(contexts):  # left padding: every last token is aligned
+            ids[i, width - len(context) :] = torch.tensor(context)
+            mask[i, width - len(context) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         # Positions count real tokens only, so a padded row sees what it would see alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
