@@ -9,8 +9,10 @@ import os
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import redis
 
@@ -21,10 +23,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _pgserver() -> ModuleType:
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime directory (for its lock file) as it is
+        # imported; where XDG_RUNTIME_DIR is unset (containers, CI, ssh) platformdirs warns
+        # and uses /tmp/runtime-<uid>, which serves as well: nothing for a user to fix.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver
+    return pgserver
+
+
 def start_postgres(var_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL; returns its URL. It outlives this process
     only until stop_postgres; data persists in var/pgdata."""
-    import pgserver
+    pgserver = _pgserver()
 
     var_dir.mkdir(parents=True, exist_ok=True)
     # As root, pgserver runs postgres as an unprivileged user: it must reach the data dir.
@@ -38,7 +50,7 @@ def start_postgres(var_dir: Path) -> str:
 
 def stop_postgres(var_dir: Path) -> None:
     """Stop the embedded PostgreSQL (as the user pgserver runs it as)."""
-    import pgserver
+    pgserver = _pgserver()
 
     pgdata = var_dir / "pgdata"
     if not pgdata.exists():
