@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -35,7 +36,8 @@ from sqlalchemy.pool import NullPool
 from tests import support
 
 ROOT = support.ROOT
-console = Console()
+# Piped into a file, rich assumes 80 columns and squeezes wide tables into "…" cells.
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 # What `spool up` runs (spool/settings.py defaults), overriding the tests' fast timings.
 SPOOL_UP_ENV = {
