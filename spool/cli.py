@@ -223,9 +223,22 @@ def _pools_for(slots: int) -> None:
     type=click.Choice(["threads", "prefork", "solo"]),
     help="threads: one process per GPU keeps one warm copy of each model",
 )
-def worker(model_names: str | None, queues: str | None, concurrency: int | None, pool: str) -> None:
-    """Run a Celery worker for some models' queues."""
-    from spool import registry
+@click.option(
+    "--gpus",
+    "gpu_spec",
+    default=None,
+    help="auto (default, SPOOL_GPUS): a worker process per GPU this host shows; "
+    "none: one process; or GPU indices / UUIDs, e.g. 0,1",
+)
+def worker(
+    model_names: str | None,
+    queues: str | None,
+    concurrency: int | None,
+    pool: str,
+    gpu_spec: str | None,
+) -> None:
+    """Run a Celery worker for some models' queues (a process per GPU)."""
+    from spool import gpus, registry
     from spool.logs import configure
 
     configure("worker")
@@ -237,6 +250,23 @@ def worker(model_names: str | None, queues: str | None, concurrency: int | None,
     if unknown:
         raise click.ClickException(f"unknown model(s): {', '.join(unknown)}")
     extra = queues.split(",") if queues else ([] if model_names else ["spool.cpu"])
+    try:
+        per_gpu = gpus.resolve(gpu_spec if gpu_spec is not None else settings.get().gpus)
+    except gpus.GpuSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus") from exc
+    if names and len(per_gpu) > 1:
+        from spool import db as dbm
+
+        dbm.require_head()  # here, not in each child started again and again
+        passed = [
+            *(["--models", model_names] if model_names is not None else []),
+            *(["--queues", queues] if queues is not None else []),
+            *(["--concurrency", str(concurrency)] if concurrency else []),
+            "--pool",
+            pool,
+        ]
+        cfg = settings.get()
+        sys.exit(gpus.supervise(passed, per_gpu, cfg.var_dir, cfg.metrics_port))
     os.environ["SPOOL_WORKER_MODELS"] = ",".join(names)
     qs = [registry.queue_name(m) for m in names] + [q for q in extra if q]
     # Jobs of a micro-batch each hold a slot while they wait: auto-size for the largest batch.

@@ -432,8 +432,11 @@ def sample_gpu_memory() -> None:
     cuda = torch.cuda
     if not cuda.is_initialized():
         return
+    # Under CUDA_VISIBLE_DEVICES (a worker process per GPU) cuda:0 is whichever GPU the
+    # process was given: label it by the host's name for it, so processes add up per GPU.
+    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
     for index in range(cuda.device_count()):
-        device = f"cuda:{index}"
+        device = f"cuda:{visible[index] if index < len(visible) and visible[index] else index}"
         GPU_MEMORY_ALLOCATED.labels(device).set(cuda.memory_allocated(index))
         GPU_MEMORY_RESERVED.labels(device).set(cuda.memory_reserved(index))
 

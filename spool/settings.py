@@ -80,6 +80,7 @@ class Settings:
     webhook_timeout_s: float = 15.0
     torch_threads: int = 0
     metrics_port: int = 9750
+    gpus: str = "auto"  # `spool worker`: a process per GPU (spool/gpus.py)
     # Connections a pool keeps open. Overflow connections are closed as soon as they are
     # returned, so under load they are opened and closed again and again (a PostgreSQL
     # backend start costs milliseconds of CPU): the default keeps them all.
@@ -160,6 +161,7 @@ def from_env() -> Settings:
         webhook_timeout_s=_float("SPOOL_WEBHOOK_TIMEOUT_S", 15.0),
         torch_threads=_int("SPOOL_TORCH_THREADS", 0),
         metrics_port=_int("SPOOL_METRICS_PORT", 9750),
+        gpus=_env("SPOOL_GPUS", "auto"),
         db_pool_size=_int("SPOOL_DB_POOL_SIZE", 10),
         db_prepare=parse_bool(os.environ.get("SPOOL_DB_PREPARE"), True),
         db_max_overflow=_int("SPOOL_DB_MAX_OVERFLOW", 0),

@@ -44,6 +44,9 @@ def _liveness_loop() -> None:
         try:
             workers_online.beat(WORKER_NAME, models)
             redisconn.client().set(ALIVE_KEY.format(WORKER_NAME), "1", ex=30)
+            # A scrape of a multi-GPU host is served by `spool worker`'s supervisor, which
+            # holds no GPU: each worker process records its own memory figures.
+            metrics.sample_gpu_memory()
         except Exception as exc:
             log.debug("liveness beat failed: %s", exc)
         _stop.wait(LIVENESS_EVERY_S)
