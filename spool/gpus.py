@@ -23,6 +23,15 @@ log = logging.getLogger("spool.gpus")
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 RESTART_DELAY_S = 2.0  # a process that dies at once is not started in a tight loop
+MAX_RESTART_DELAY_S = 60.0
+STABLE_S = 60.0  # a process that ran this long before dying starts the count afresh
+
+
+def restart_delay(quick_deaths: int) -> float:
+    """Seconds before starting a GPU's process again, after `quick_deaths` deaths in a
+    row that each came within STABLE_S of its start: 2, 2, 4, 8 … 60 (a GPU that kills
+    its process at once is retried ever more slowly, not every 2 s forever)."""
+    return min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** max(0, quick_deaths - 1))
 
 
 class GpuSpecError(ValueError):
@@ -70,6 +79,8 @@ class Supervisor:
         self.argv, self.gpus, self.env = list(argv), list(gpus), dict(env)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: dict[str, int] = dict.fromkeys(self.gpus, 0)
+        self._started_at: dict[str, float] = {}
+        self._quick_deaths: dict[str, int] = dict.fromkeys(self.gpus, 0)
         self._stopping = False
 
     def _start(self, gpu: str) -> None:
@@ -77,6 +88,7 @@ class Supervisor:
         env = {**self.env, VISIBLE: gpu, "SPOOL_METRICS_PORT": "0"}
         child = subprocess.Popen(self.argv, env=env)
         self.children[gpu] = child
+        self._started_at[gpu] = time.monotonic()
         log.info("worker for GPU %s started (pid %d)", gpu, child.pid)
 
     def stop(self, *_: object) -> None:
@@ -90,24 +102,30 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.stop)
         for gpu in self.gpus:
             self._start(gpu)
-        died_at: dict[str, float] = {}
+        due: dict[str, float] = {}  # GPU → when its dead process starts again
         try:
             while not self._stopping:
+                now = time.monotonic()
                 for gpu, child in list(self.children.items()):
                     code = child.poll()
                     if code is None:
                         continue
-                    if gpu not in died_at:
+                    if gpu not in due:
+                        quick = now - self._started_at[gpu] < STABLE_S
+                        self._quick_deaths[gpu] = self._quick_deaths[gpu] + 1 if quick else 0
+                        delay = restart_delay(self._quick_deaths[gpu])
                         log.warning(
-                            "worker for GPU %s (pid %d) exited with %s; starting it again",
+                            "worker for GPU %s (pid %d) exited with %s; starting it again in "
+                            "%.0f s",
                             gpu,
                             child.pid,
                             code,
+                            delay,
                         )
                         metrics.mark_process_dead(child.pid)
-                        died_at[gpu] = time.monotonic()
-                    elif time.monotonic() - died_at[gpu] >= RESTART_DELAY_S:
-                        del died_at[gpu]
+                        due[gpu] = now + delay
+                    elif now >= due[gpu]:
+                        del due[gpu]
                         self.restarts[gpu] += 1
                         self._start(gpu)
                 time.sleep(poll_s)

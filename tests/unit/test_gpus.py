@@ -35,3 +35,7 @@ def test_lists_and_none() -> None:
 def test_a_bad_list_is_refused_with_what_is_allowed(bad: str) -> None:
     with pytest.raises(gpus.GpuSpecError, match="auto, none or distinct GPU indices"):
         gpus.resolve(bad)
+
+
+def test_a_process_that_keeps_dying_at_once_is_started_ever_more_slowly() -> None:
+    assert [gpus.restart_delay(n) for n in range(8)] == [2, 2, 4, 8, 16, 32, 60, 60]
