@@ -141,6 +141,35 @@ def models_init_random(names: tuple[str, ...], force: bool) -> None:
         click.echo(f"{name}: {path}")
 
 
+@models.command("check")
+@click.argument("names", nargs=-1)
+def models_check(names: tuple[str, ...]) -> None:
+    """Load each model (default: every one in the registry) the way a worker does and run
+    one small job on it: device, dtype, size, load and job time, peak GPU memory. Exits 1
+    if one fails. The GPUs in use are this process's (CUDA_VISIBLE_DEVICES)."""
+    from spool import registry
+    from spool.logs import configure
+
+    configure("worker")
+    unknown = [n for n in names if registry.get(n) is None]
+    if unknown:
+        known = ", ".join(registry.models())
+        raise click.BadParameter(
+            f"not in the registry: {', '.join(unknown)} (it has {known})", param_hint="NAMES"
+        )
+    from workers.check import check, describe
+
+    failed = 0
+    for name in names or tuple(registry.models()):
+        spec = registry.get(name)
+        assert spec is not None
+        result = check(spec)
+        failed += not result.ok
+        click.echo(describe(result))
+    if failed:
+        raise SystemExit(1)
+
+
 @models.command("list")
 def models_list() -> None:
     """Print the registry."""

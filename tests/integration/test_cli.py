@@ -56,3 +56,35 @@ def test_models_init_random_builds_presets_and_refuses_unknown_names(tmp_path) -
     assert (tmp_path / "models" / "tiny-llm" / "tokenizer.json").is_file()
     bad = run(env, "models", "init-random", "gpt-5", check=False)
     assert bad.returncode == 2 and "unknown gpt-5" in bad.stderr and "sd15-random" in bad.stderr
+
+
+def test_models_check_loads_each_model_runs_a_job_and_names_what_failed(tmp_path) -> None:
+    import os
+
+    env = {**os.environ, "SPOOL_VAR_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    run(env, "models", "init-tiny")
+    registry = tmp_path / "models.yaml"
+    registry.write_text(
+        "models:\n"
+        "  echo: {kind: echo}\n"
+        "  tiny-sd: {kind: image.generate, source: '${SPOOL_VAR_DIR}/models/tiny-sd',"
+        " limits: {min_width: 32, min_height: 32}}\n"
+        "  tiny-llm: {kind: text.generate, source: '${SPOOL_VAR_DIR}/models/tiny-llm'}\n"
+        f"  broken: {{kind: text.generate, source: '{tmp_path}/nothing-here'}}\n"
+    )
+    env["SPOOL_MODELS_FILE"] = str(registry)
+    out = run(env, "models", "check", check=False)
+    assert out.returncode == 1, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert set(lines) == {"echo", "tiny-sd", "tiny-llm", "broken"}
+    assert lines["echo"].endswith("ok")
+    sd = lines["tiny-sd"]
+    assert "cpu float32" in sd and "1 image of 64x64, 1 step in" in sd and sd.endswith("ok")
+    assert "M params" in sd and "1 token in" in lines["tiny-llm"]
+    assert (
+        f"FAILED to load: model broken failed to load from {tmp_path}/nothing-here"
+        in (lines["broken"])
+    )
+    assert run(env, "models", "check", "tiny-llm").stdout.count("\n") == 1  # only it
+    bad = run(env, "models", "check", "gpt-5", check=False)
+    assert bad.returncode == 2 and "not in the registry: gpt-5" in bad.stderr
