@@ -11,7 +11,8 @@
 #
 # Prints the summary tables last; writes gpu-bench.json and gpu-bench.log to $OUT (or /tmp).
 # Budget on an H200 (estimated, not yet run there): ~1 min to build the models, ~4 min
-# of windows and direct calls. SECONDS_PER_MODE shortens the windows.
+# of windows and direct calls, ~30 s for `spool models check`. SECONDS_PER_MODE shortens
+# the windows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp}
@@ -38,3 +39,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 "$PY" -m bench.bench_inference_platform --workload real --clients 16 \
     --seconds "${SECONDS_PER_MODE:-16}" --repeats 3 --json "$OUT_DIR/gpu-bench.json" "$@" \
     2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
+# Each model loaded alone and one small job on it: load time, parameters, peak GPU memory.
+SPOOL_MODELS_FILE="$SPOOL_VAR_DIR/bench-real-models.yaml" "$PY" -m spool.cli models check \
+    sd15-random llama-1b-random 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
