@@ -86,6 +86,9 @@ class Supervisor:
     def _start(self, gpu: str) -> None:
         # The children serve no metrics port of their own: this process serves theirs.
         env = {**self.env, VISIBLE: gpu, "SPOOL_METRICS_PORT": "0"}
+        # A child whose supervisor is gone stops by itself (workers/app.py), so that a
+        # SIGKILLed supervisor leaves no worker behind.
+        env["SPOOL_SUPERVISOR_PID"] = str(os.getpid())
         child = subprocess.Popen(self.argv, env=env)
         self.children[gpu] = child
         self._started_at[gpu] = time.monotonic()

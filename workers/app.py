@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ app.conf.imports = ("workers.inference", "workers.sweeper", "workers.webhooks")
 
 WORKER_NAME = os.environ.get("SPOOL_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 LIVENESS_EVERY_S = 5.0
+SUPERVISOR_ENV = "SPOOL_SUPERVISOR_PID"  # set by spool/gpus.py for the processes it starts
 ALIVE_KEY = "spool:worker-alive:{}"
 
 
@@ -38,9 +40,20 @@ def _after_fork(**_: object) -> None:
 _stop = threading.Event()
 
 
+def _orphaned() -> bool:
+    """Whether the `spool worker` supervisor that started this process is gone (even
+    SIGKILLed, which it cannot pass on): the process then stops, as its siblings do."""
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
+    return supervisor.isdigit() and os.getppid() != int(supervisor)
+
+
 def _liveness_loop() -> None:
     models = served_models()
     while not _stop.is_set():
+        if _orphaned():
+            log.warning("the supervisor (pid %s) is gone: stopping", os.environ[SUPERVISOR_ENV])
+            os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown: running jobs finish
+            return
         try:
             workers_online.beat(WORKER_NAME, models)
             redisconn.client().set(ALIVE_KEY.format(WORKER_NAME), "1", ex=30)

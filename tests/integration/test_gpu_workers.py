@@ -89,6 +89,23 @@ def test_worker_runs_a_process_per_gpu_and_starts_a_dead_one_again(
         p.stop()
 
 
+def test_worker_processes_stop_when_their_supervisor_is_killed(
+    database_url: str, services: support.Services, tmp_path: Path
+) -> None:
+    p = support.Platform(database_url, services.redis_url, tmp_path)
+    try:
+        sup = p._start("workers", ["worker", "--gpus", "0,1", "--models", "echo"])
+        support.wait_until(lambda: sup.log.read_text().count("ready for models") == 2, 60)
+        kids = _children(sup.pid)
+        assert len(kids) == 2
+        sup.p.kill()  # SIGKILL: nothing passes it on (Proc.kill would signal the group)
+        sup.p.wait(10)
+        _, alive = psutil.wait_procs(kids, timeout=30)
+        assert not alive, "worker processes outlived their supervisor"
+    finally:
+        p.stop()
+
+
 def test_worker_refuses_a_bad_gpu_list(
     database_url: str, services: support.Services, tmp_path
 ) -> None:
