@@ -663,3 +663,36 @@ def test_learned_caps_only_go_down_and_are_forgotten_after_their_ttl() -> None:
     now[0] = 60.0
     assert caps.get() is None and caps.get("512x512") is None  # memory may be back: try
     assert caps.lower(8) and caps.get() == 8
+
+
+def test_text_batch_out_of_memory_while_sampling_moves_no_generator(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running out of memory in the sampler (after the forward pass) must not leave a
+    row's generator moved: the rows going on in halves draw what they would alone."""
+    import torch
+
+    from workers.backends.llm import LLMBackend
+
+    backend = LLMBackend(llm_spec(tiny_models["tiny-llm"]))
+    backend.setup()
+    jobs = [
+        {"prompt": "Hi", "max_tokens": 6, "min_tokens": 6, "seed": 11, "temperature": 1.0},
+        {"prompt": "Hi", "max_tokens": 6, "min_tokens": 6, "seed": 12, "top_p": 0.9},
+    ]
+    expected = [_alone(backend, job)[0] for job in jobs]
+    vocab = len(backend.tokenizer)
+    real_cumsum = torch.Tensor.cumsum
+    seen = [0]
+
+    def cumsum(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.dtype.is_floating_point and self.dim() == 2 and self.shape[-1] >= vocab:
+            seen[0] += 1
+            if seen[0] == 5:  # a cumulative sum of the sampler, at the second token
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB")
+        return real_cumsum(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cumsum", cumsum)
+    outs = backend.predict([RecordingContext(dict(j)) for j in jobs])
+    assert seen[0] > 5  # it ran out, and went on
+    assert outs == expected

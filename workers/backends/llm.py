@@ -412,22 +412,30 @@ class LLMBackend(Backend):
             return [int(x) for x in choice.tolist()]
         temps = torch.tensor([rows[i].temperature for i in sampled], device=device)
         probs = torch.softmax(logits[torch.tensor(sampled, device=device)] / temps[:, None], dim=-1)
-        draws = torch.stack(
-            [torch.rand((), generator=rows[i].generator, device=device) for i in sampled]
-        )
-        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
         whole = [j for j, i in enumerate(sampled) if rows[i].top_p >= 1.0]
         nucleus = [j for j, i in enumerate(sampled) if rows[i].top_p < 1.0]
+        cdfs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         if whole:  # no truncation: sample the distribution as it is, no sort needed
             sel = torch.tensor(whole, device=device)
-            picks[sel] = _inverse_cdf(probs[sel], draws[sel])
+            cdfs.append((sel, probs[sel].cumsum(dim=-1), None))
         if nucleus:
             sel = torch.tensor(nucleus, device=device)
             top_p = torch.tensor([rows[sampled[j]].top_p for j in nucleus], device=device)
             head, order = probs[sel].sort(dim=-1, descending=True, stable=True)
             # Keep the smallest head whose mass reaches top_p (the first token always stays).
             head = head.masked_fill(head.cumsum(-1) - head > top_p[:, None], 0.0)
-            picks[sel] = order.gather(-1, _inverse_cdf(head, draws[sel])[:, None]).squeeze(-1)
+            cdfs.append((sel, head.cumsum(dim=-1), order))
+        # The draws come after the big allocations: if one runs out of device memory, no
+        # generator has moved, and the rows going on in halves draw what they would alone.
+        draws = torch.stack(
+            [torch.rand((), generator=rows[i].generator, device=device) for i in sampled]
+        )
+        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
+        for part, cdf, sorted_ids in cdfs:
+            index = _inverse_cdf(cdf, draws[part])
+            if sorted_ids is not None:  # an index into the sorted head: back to token ids
+                index = sorted_ids.gather(-1, index[:, None]).squeeze(-1)
+            picks[part] = index
         choice[torch.tensor(sampled, device=device)] = picks
         return [int(x) for x in choice.tolist()]
 
@@ -486,11 +494,10 @@ class LLMBackend(Backend):
         return ""
 
 
-def _inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+def _inverse_cdf(cdf: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """Per row, the index where the (unnormalized) cumulative mass passes draw * total."""
-    cdf = probs.cumsum(dim=-1)
     index = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    return index.clamp(max=probs.shape[-1] - 1)
+    return index.clamp(max=cdf.shape[-1] - 1)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
