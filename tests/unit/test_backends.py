@@ -393,6 +393,27 @@ def test_device_and_dtype_follow_the_registry(torch_one_thread: Any, tmp_path: P
             hf.device_for(sd_spec(tmp_path, device="cuda"))
 
 
+def test_a_gpu_number_the_process_does_not_see_is_a_clear_load_error(
+    torch_one_thread: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from workers.backends import hf
+
+    torch = torch_one_thread
+    # A worker process of a 2-GPU host, given GPU 1 (no GPU here: torch is told so).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert hf.device_for(sd_spec(tmp_path, device="cuda")) == torch.device("cuda")
+    assert hf.device_for(sd_spec(tmp_path, device="cuda:0")) == torch.device("cuda:0")
+    with pytest.raises(ModelLoadError) as err:
+        hf.device_for(sd_spec(tmp_path, device="cuda:1"))
+    assert str(err.value) == (
+        "model tiny-sd asks for device cuda:1 but this process sees 1 GPU(s) "
+        "(CUDA_VISIBLE_DEVICES=1): use device auto or cuda, and pick GPUs with "
+        "`spool worker --gpus`"
+    )
+
+
 def test_torch_threads_setting(torch_one_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from spool import settings
     from workers.backends import hf

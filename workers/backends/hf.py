@@ -83,9 +83,21 @@ def device_for(spec: ModelSpec) -> torch.device:
             f"model {spec.name} asks for device {spec.device} but CUDA is unavailable"
         )
     try:
-        return torch.device(wanted)
+        device = torch.device(wanted)
     except RuntimeError as exc:
         raise ModelLoadError(f"model {spec.name}: unknown device {spec.device!r}") from exc
+    if device.type == "cuda" and device.index is not None:
+        seen = torch.cuda.device_count()
+        if device.index >= seen:
+            # A worker process per GPU sees one, as cuda:0 (spool/gpus.py).
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            narrowed = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+            raise ModelLoadError(
+                f"model {spec.name} asks for device {spec.device} but this process sees "
+                f"{seen} GPU(s){narrowed}: use device auto or cuda, and pick GPUs with "
+                "`spool worker --gpus`"
+            )
+    return device
 
 
 def dtype_for(spec: ModelSpec, device: torch.device) -> torch.dtype:
