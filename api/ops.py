@@ -83,7 +83,7 @@ def list_models():
             "queue": spec.queue,
             "workers_online": online.get(spec.name, 0),
             "queued": queued.get(spec.name, 0),
-            "limits": spec.limits,
+            "limits": spec.effective_limits,
         }
         for spec in specs.values()
     ]

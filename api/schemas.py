@@ -102,6 +102,7 @@ class ImageInputSchema(LimitedInput):
             self._min(errors, data, f, f"min_{f}")
         self._max(errors, data, "steps", "max_steps")
         self._max(errors, data, "num_images", "max_num_images")
+        self._max(errors, data, "guidance_scale", "max_guidance_scale")
         if errors:
             raise ValidationError(errors)
 
@@ -167,7 +168,7 @@ _input_schemas: dict[tuple[str, str], tuple[ModelSpec, LimitedInput]] = {}
 def input_schema(spec: ModelSpec) -> LimitedInput:
     cached = _input_schemas.get((spec.name, spec.kind))
     if cached is None or cached[0] is not spec:  # the registry was reloaded
-        cached = (spec, INPUT_SCHEMAS[spec.kind](spec.limits))
+        cached = (spec, INPUT_SCHEMAS[spec.kind](spec.effective_limits))
         _input_schemas[(spec.name, spec.kind)] = cached
     return cached[1]
 

@@ -24,6 +24,22 @@ class RegistryError(RuntimeError):
     pass
 
 
+# A limit a model's entry leaves out: the API refuses more at submit (422), the backends
+# would on the GPU. One table for both, so that neither lets through what the other refuses.
+KIND_LIMITS: dict[str, dict[str, Any]] = {
+    "image.generate": {
+        "min_width": 64,
+        "max_width": 1024,
+        "min_height": 64,
+        "max_height": 1024,
+        "max_steps": 150,
+        "max_num_images": 8,
+        "max_guidance_scale": 50.0,
+    },
+    "text.generate": {"max_tokens": 4096, "max_prompt_chars": 100_000},
+}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -41,9 +57,15 @@ class ModelSpec:
         return queue_name(self.name)
 
     def limit(self, key: str, fallback: Any = None) -> Any:
-        """One of the model's input limits (e.g. `max_width`), or `fallback` if it sets none."""
-        value = self.limits.get(key)
+        """One of the model's input limits (e.g. `max_width`): the entry's, else its kind's
+        (KIND_LIMITS), else `fallback`."""
+        value = self.effective_limits.get(key)
         return fallback if value is None else value
+
+    @property
+    def effective_limits(self) -> dict[str, Any]:
+        """The entry's limits over its kind's: what a job of this model may ask for."""
+        return {**KIND_LIMITS.get(self.kind, {}), **self.limits}
 
     @property
     def defaults(self) -> dict[str, Any]:

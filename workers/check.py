@@ -63,8 +63,8 @@ def small_input(spec: ModelSpec) -> tuple[dict[str, Any], str]:
     """The smallest job worth running on the model, and how to say what it made."""
     if spec.kind == "image.generate":
         # 64 px: the smallest size whose latents survive a Stable Diffusion UNet's downsampling.
-        width = min(max(64, spec.limit("min_width", 64)), spec.limit("max_width", 1024))
-        height = min(max(64, spec.limit("min_height", 64)), spec.limit("max_height", 1024))
+        width = min(max(64, spec.limit("min_width")), spec.limit("max_width"))
+        height = min(max(64, spec.limit("min_height")), spec.limit("max_height"))
         job = {"prompt": "a test pattern", "width": width, "height": height, "steps": 1}
         return {**job, "seed": 0}, f"1 image of {width}x{height}, 1 step"
     if spec.kind == "text.generate":

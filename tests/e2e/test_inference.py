@@ -463,6 +463,9 @@ def test_models_list_workers_online_and_queued(plat: InferencePlatform, owner: s
         assert models["tiny-sd"]["kind"] == "image.generate"
         assert models["tiny-llm"]["kind"] == "text.generate"
         assert models["tiny-llm"]["queue"] == registry.queue_name("tiny-llm")
+        # The limits a job may ask for: the entry's, and its kind's where it sets none.
+        assert models["tiny-sd"]["limits"]["max_guidance_scale"] == 50.0
+        assert models["tiny-llm"]["limits"]["max_prompt_chars"] > 0
     finally:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda j: owner.post(f"/v1/jobs/{j}/cancel"), waiting))

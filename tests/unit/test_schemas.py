@@ -35,6 +35,21 @@ def test_image_input_limits_name_the_field() -> None:
     assert "bogus" in errors_of(IMAGE, {"prompt": "x", "bogus": 1})
 
 
+def test_limits_an_entry_leaves_out_are_its_kinds_as_the_backends_apply_them() -> None:
+    bare_image, bare_text = ModelSpec("img0", "image.generate"), ModelSpec("t0", "text.generate")
+    assert errors_of(bare_image, {"prompt": "x", "width": 2048})["width"] == [
+        "must be at most 1024 for this model"
+    ]
+    assert "height" in errors_of(bare_image, {"prompt": "x", "height": 32})  # under 64
+    assert load_input(bare_image, {"prompt": "x", "width": 1024, "steps": 150})["steps"] == 150
+    assert "max_tokens" in errors_of(bare_text, {"prompt": "x", "max_tokens": 4097})
+    # The entry's own limits win over the kind's, both ways.
+    strict = ModelSpec("img1", "image.generate", limits={"max_guidance_scale": 20, "min_width": 32})
+    assert "guidance_scale" in errors_of(strict, {"prompt": "x", "guidance_scale": 25})
+    assert load_input(strict, {"prompt": "x", "width": 32})["width"] == 32
+    assert strict.limit("max_width") == 1024 and strict.limit("min_width") == 32
+
+
 def test_text_input_prompt_or_messages() -> None:
     assert load_input(TEXT, {"prompt": "hi", "max_tokens": 10, "stop": "\n"})["stop"] == ["\n"]
     msgs = [{"role": "user", "content": "hi"}]

@@ -86,21 +86,19 @@ class DiffusionBackend(Backend):
     def shape(self, data: dict[str, Any]) -> Shape:
         """The job's size, steps and guidance, with the registry's defaults and limits."""
         d, lim = self.spec.defaults, self.spec.limit
-        width = hf.int_input(
-            data, "width", d.get("width", 512), lim("min_width", 64), lim("max_width", 1024)
-        )
+        width = hf.int_input(data, "width", d.get("width", 512), lim("min_width"), lim("max_width"))
         height = hf.int_input(
-            data, "height", d.get("height", 512), lim("min_height", 64), lim("max_height", 1024)
+            data, "height", d.get("height", 512), lim("min_height"), lim("max_height")
         )
         if width % 8 or height % 8:
             raise hf.InvalidInput("width and height must be multiples of 8")
-        steps = hf.int_input(data, "steps", d.get("steps", 30), 1, lim("max_steps", 150))
+        steps = hf.int_input(data, "steps", d.get("steps", 30), 1, lim("max_steps"))
         guidance = hf.float_input(
             data,
             "guidance_scale",
             d.get("guidance_scale", 7.5),
             0.0,
-            lim("max_guidance_scale", 50.0),
+            lim("max_guidance_scale"),
         )
         return Shape(width, height, steps, guidance)
 
@@ -129,7 +127,7 @@ class DiffusionBackend(Backend):
         negative = data.get("negative_prompt") or ""
         if not isinstance(negative, str):
             raise hf.InvalidInput("negative_prompt must be a string")
-        count = hf.int_input(data, "num_images", 1, 1, self.spec.limit("max_num_images", 8))
+        count = hf.int_input(data, "num_images", 1, 1, self.spec.limit("max_num_images"))
         seed = hf.seed_input(data)
         return _Request(index, ctx, prompt, negative, [seed + k for k in range(count)])
 

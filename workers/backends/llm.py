@@ -228,7 +228,7 @@ class LLMBackend(Backend):
         data, d = ctx.input, self.spec.defaults
         prompt_ids = self._prompt_ids(data)
         max_new = hf.int_input(
-            data, "max_tokens", d.get("max_tokens", 256), 1, self.spec.limit("max_tokens", 4096)
+            data, "max_tokens", d.get("max_tokens", 256), 1, self.spec.limit("max_tokens")
         )
         if self.context_len and len(prompt_ids) + max_new > self.context_len:
             raise hf.InvalidInput(
@@ -255,7 +255,7 @@ class LLMBackend(Backend):
         )
 
     def _prompt_ids(self, data: dict[str, Any]) -> list[int]:
-        limit = self.spec.limit("max_prompt_chars", 100_000)
+        limit = self.spec.limit("max_prompt_chars")
         messages, prompt = data.get("messages"), data.get("prompt")
         if messages is not None:
             if not (
