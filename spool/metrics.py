@@ -21,6 +21,7 @@
 | spool_microbatch_joined_total      | counter   | model               | jobs joining a running one|
 | spool_model_busy_seconds_total     | counter   | model               | seconds running batches   |
 | spool_model_out_of_memory_total    | counter   | model               | calls out of GPU memory   |
+| spool_model_batch_limit            | gauge     | model               | largest batch it runs now |
 | spool_model_steps_total            | counter   | model               | text model forward passes |
 | spool_model_step_rows_total        | counter   | model               | jobs in those passes      |
 | spool_model_load_seconds           | histogram | model               | model load time           |
@@ -176,9 +177,17 @@ MODEL_BUSY = Counter(
 )
 MODEL_OUT_OF_MEMORY = Counter(
     "spool_model_out_of_memory",
-    "Model calls that ran out of device memory (a diffusion call then runs again in halves, "
-    "and later calls of that shape at the lowered size).",
+    "Model calls that ran out of device memory (the batch then goes on in halves, and "
+    "later batches at the lowered size for a while: spool_model_batch_limit).",
     ["model"],
+)
+MODEL_BATCH_LIMIT = Gauge(
+    "spool_model_batch_limit",
+    "The largest batch the model runs now: its max_batch_size, or less for a while after "
+    "a batch ran out of device memory (an image model: its most lowered size); the lowest "
+    "of this target's processes.",
+    ["model"],
+    multiprocess_mode="livemin",
 )
 MODEL_STEPS = Counter(
     "spool_model_steps",
@@ -352,6 +361,7 @@ _DEFINED: tuple[Counter | Gauge | Histogram, ...] = (
     MICROBATCH_JOINED,
     MODEL_BUSY,
     MODEL_OUT_OF_MEMORY,
+    MODEL_BATCH_LIMIT,
     MODEL_STEPS,
     MODEL_STEP_ROWS,
     MODEL_LOAD_TIME,

@@ -140,6 +140,10 @@ class MicroBatcher:
         name = self.backend.spec.name
         self.batch_sizes.append(len(batch))
         metrics.MICROBATCH_SIZE.labels(name).observe(len(batch))
+        lowered = self.backend.caps.lowest()
+        metrics.MODEL_BATCH_LIMIT.labels(name).set(
+            self.max_batch_size if lowered is None else min(lowered, self.max_batch_size)
+        )
         counted = time.perf_counter()  # the model's busy time is counted up to here
 
         def count_busy() -> None:

@@ -668,6 +668,9 @@ def test_text_row_that_does_not_fit_alone_fails_with_out_of_memory(
         batcher.close()
     assert [o["usage"]["completion_tokens"] for o in outs] == [2, 2, 2]
     assert max(batcher.batch_sizes) == 1
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("spool_model_batch_limit", {"model": "tiny-llm"}) == 1
 
 
 def test_learned_caps_only_go_down_and_are_forgotten_after_their_ttl() -> None:
@@ -679,10 +682,12 @@ def test_learned_caps_only_go_down_and_are_forgotten_after_their_ttl() -> None:
     assert caps.lower(4) and caps.get() == 4
     assert not caps.lower(6) and caps.get() == 4  # never raised while in force
     assert caps.lower(2, key="512x512") and caps.get("512x512") == 2 and caps.get() == 4
+    assert caps.lowest() == 2
     now[0] = 59.0
     assert caps.get() == 4
     now[0] = 60.0
     assert caps.get() is None and caps.get("512x512") is None  # memory may be back: try
+    assert caps.lowest() is None
     assert caps.lower(8) and caps.get() == 8
 
 

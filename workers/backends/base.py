@@ -57,6 +57,13 @@ class LearnedCaps:
                 return None
             return found[0]
 
+    def lowest(self) -> int | None:
+        """The smallest cap in force, whatever its key; None while none is."""
+        with self._lock:
+            now = self._clock()
+            live = [cap for cap, since in self._caps.values() if now - since < self.ttl_s]
+        return min(live, default=None)
+
     def lower(self, cap: int, key: Hashable = None) -> bool:
         """Cap `key`'s batches at `cap` from now on (a cap in force is never raised);
         True when that lowered it."""
