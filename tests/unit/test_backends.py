@@ -633,6 +633,37 @@ def test_text_batch_out_of_memory_goes_on_in_halves_without_losing_a_token(
     assert all(ran for _, ran in device.passes)
 
 
+def test_text_jobs_through_the_micro_batcher_survive_running_out_of_memory(
+    tiny_models: dict[str, Path],
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.backends.llm import LLMBackend
+    from workers.batching import MicroBatcher
+
+    backend = LLMBackend(llm_spec(tiny_models["tiny-llm"], name="tiny-llm-oom-batcher"))
+    backend.setup()
+    jobs = [
+        {"prompt": "Hi", "max_tokens": 10, "min_tokens": 10, "seed": i, "temperature": 0.8}
+        for i in range(6)
+    ]
+    expected = [_alone(backend, job)[0] for job in jobs]
+    prompt_len = expected[0]["usage"]["prompt_tokens"]
+    batcher = MicroBatcher(backend, max_batch_size=16, wait_ms=100)
+    batcher.setup()  # loads the model again: the small device goes on after
+    device = backend.model = _ModelOnDeviceOf(backend.model, cells=2 * (prompt_len + 9))
+    ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            outs = list(pool.map(batcher.run, ctxs))
+    finally:
+        batcher.close()
+    assert outs == expected  # every job, batched, split and joined as it came
+    assert all("".join(c.tokens) == o["text"] for c, o in zip(ctxs, outs, strict=True))
+    assert max(batcher.batch_sizes) > 2 and (max(batcher.batch_sizes), False) in device.passes
+    assert backend.batch_limit is not None and backend.batch_limit <= 3
+
+
 def test_text_row_that_does_not_fit_alone_fails_with_out_of_memory(
     tiny_models: dict[str, Path],
 ) -> None:
