@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,13 +155,19 @@ def supervise(worker_args: Sequence[str], gpus: Sequence[str], var_dir: Path, po
     """Run `spool worker <worker_args>` once per GPU; one /metrics on `port` sums them."""
     from spool import metrics
 
-    metrics.setup_multiproc_dir(
-        os.environ.get(metrics.MULTIPROC_ENV) or var_dir / "prometheus" / f"worker-{os.getpid()}"
+    given = os.environ.get(metrics.MULTIPROC_ENV)
+    directory = metrics.setup_multiproc_dir(
+        given or var_dir / "prometheus" / f"worker-{os.getpid()}"
     )
+    own = None if given else directory
     try:
         if metrics.start_worker_metrics_server(port):
             log.info("metrics of the %d GPU workers on :%d/metrics", len(gpus), port)
     except OSError as exc:
         log.warning("worker metrics port %d unavailable: %s", port, exc)
     argv = [sys.executable, "-m", "spool.cli", "worker", *worker_args, "--gpus", "none"]
-    return Supervisor(argv, gpus, os.environ).run()
+    try:
+        return Supervisor(argv, gpus, os.environ).run()
+    finally:
+        if own is not None:  # its processes' files, gone with them (a restart makes anew)
+            shutil.rmtree(own, ignore_errors=True)

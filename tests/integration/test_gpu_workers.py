@@ -81,10 +81,13 @@ def test_worker_runs_a_process_per_gpu_and_starts_a_dead_one_again(
         assert api.wait(job)["output"] == {"value": "after"}
 
         kids = _children(sup.pid)
+        metrics_dir = p.var_dir / "prometheus" / f"worker-{sup.pid}"
+        assert list(metrics_dir.glob("*.db"))  # the processes' metric files
         sup.p.send_signal(signal.SIGTERM)
         assert sup.p.wait(60) == 0
         _, alive = psutil.wait_procs(kids, timeout=10)
         assert not alive
+        assert not metrics_dir.exists()  # gone with them
     finally:
         p.stop()
 
