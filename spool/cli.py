@@ -143,7 +143,8 @@ def models_init_random(names: tuple[str, ...], force: bool) -> None:
 
 @models.command("check")
 @click.argument("names", nargs=-1)
-def models_check(names: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="one JSON list on stdout (for scripts)")
+def models_check(names: tuple[str, ...], as_json: bool) -> None:
     """Load each model (default: every one in the registry) the way a worker does and run
     one small job on it: device, dtype, size, load and job time, peak GPU memory. Exits 1
     if one fails. The GPUs in use are this process's (CUDA_VISIBLE_DEVICES)."""
@@ -159,14 +160,19 @@ def models_check(names: tuple[str, ...]) -> None:
         )
     from workers.check import check, describe
 
-    failed = 0
+    results = []
     for name in names or tuple(registry.models()):
         spec = registry.get(name)
         assert spec is not None
-        result = check(spec)
-        failed += not result.ok
-        click.echo(describe(result))
-    if failed:
+        results.append(result := check(spec))
+        if not as_json:
+            click.echo(describe(result))
+    if as_json:
+        import dataclasses
+        import json
+
+        click.echo(json.dumps([{**dataclasses.asdict(r), "ok": r.ok} for r in results], indent=2))
+    if not all(r.ok for r in results):
         raise SystemExit(1)
 
 

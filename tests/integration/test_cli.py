@@ -86,5 +86,10 @@ def test_models_check_loads_each_model_runs_a_job_and_names_what_failed(tmp_path
         in (lines["broken"])
     )
     assert run(env, "models", "check", "tiny-llm").stdout.count("\n") == 1  # only it
+    import json
+
+    report = json.loads(run(env, "models", "check", "--json", "echo", "broken", check=False).stdout)
+    assert [(r["name"], r["ok"]) for r in report] == [("echo", True), ("broken", False)]
+    assert report[0]["job_s"] is not None and "nothing-here" in report[1]["error"]
     bad = run(env, "models", "check", "gpt-5", check=False)
     assert bad.returncode == 2 and "not in the registry: gpt-5" in bad.stderr
