@@ -82,11 +82,28 @@ def queue_name(model: str) -> str:
     return f"spool.model.{model}"
 
 
+# Settings an entry may have besides ModelSpec's fields, by kind: a misspelt one is an
+# error when the registry is read, not a setting silently left out.
+KIND_OPTIONS: dict[str, frozenset[str]] = {
+    "echo": frozenset({"defaults"}),
+    "image.generate": frozenset(
+        {"defaults", "allow_download", "variant", "attention_slicing", "vae_slicing", "vae_tiling"}
+    ),
+    "text.generate": frozenset({"defaults", "allow_download", "variant"}),
+}
+
+
 def _spec(name: str, raw: dict[str, Any]) -> ModelSpec:
     kind = raw.get("kind")
     if kind not in KINDS:
         raise RegistryError(f"model {name!r}: kind must be one of {', '.join(KINDS)}")
     known = {"kind", "source", "dtype", "device", "max_batch_size", "batch_wait_ms", "limits"}
+    unknown = sorted(set(raw) - known - KIND_OPTIONS[kind])
+    if unknown:
+        allowed = ", ".join(sorted(known | KIND_OPTIONS[kind]))
+        raise RegistryError(
+            f"model {name!r}: unknown setting(s) {', '.join(unknown)} for {kind} (known: {allowed})"
+        )
     return ModelSpec(
         name=name,
         kind=kind,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -546,6 +547,30 @@ def test_image_batch_out_of_memory_runs_again_in_halves_and_remembers(
     device.calls.clear()
     backend.predict([RecordingContext(dict(j)) for j in jobs[:4]])
     assert device.calls == [(2, True), (2, True)]
+
+
+def test_image_memory_settings_slice_and_tile_and_change_no_image(
+    tiny_models: dict[str, Path],
+) -> None:
+    from workers.backends.diffusion import DiffusionBackend
+
+    plain = DiffusionBackend(sd_spec(tiny_models["tiny-sd"]))
+    plain.setup()
+    spec = sd_spec(tiny_models["tiny-sd"])
+    saving = {"attention_slicing": True, "vae_slicing": True, "vae_tiling": True}
+    lean = DiffusionBackend(replace(spec, options={**spec.options, **saving}))
+    lean.setup()
+    assert lean.pipe.vae.use_slicing and lean.pipe.vae.use_tiling
+    assert not plain.pipe.vae.use_slicing and not plain.pipe.vae.use_tiling
+    processors = {type(p).__name__ for p in lean.pipe.unet.attn_processors.values()}
+    assert processors == {"SlicedAttnProcessor"}
+    jobs = [{"prompt": f"a cat {i}", "seed": i, "steps": 3} for i in range(2)]
+    ctxs = [RecordingContext(dict(j)) for j in jobs]
+    assert all(not isinstance(o, BaseException) for o in lean.predict(ctxs))
+    for job, ctx in zip(jobs, ctxs, strict=True):
+        _, alone = _alone(plain, job)
+        for name, (data, _) in alone.artifacts.items():
+            _assert_same_image(ctx.artifacts[name][0], data)
 
 
 def test_image_job_that_does_not_fit_alone_fails_with_out_of_memory(

@@ -142,3 +142,17 @@ class _VocabOf:
 
     def __len__(self) -> int:
         return self.n
+
+
+def test_a_misspelt_registry_setting_is_an_error_naming_it(tmp_path: Path) -> None:
+    from spool import registry
+
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  sd:\n    kind: image.generate\n    vae_tilling: true\n")
+    with pytest.raises(registry.RegistryError) as err:
+        registry.load(path)
+    assert "model 'sd': unknown setting(s) vae_tilling for image.generate" in str(err.value)
+    assert "vae_tiling" in str(err.value)  # what it may have meant
+    path.write_text("models:\n  llm:\n    kind: text.generate\n    vae_tiling: true\n")
+    with pytest.raises(registry.RegistryError, match="unknown setting"):
+        registry.load(path)  # an image setting on a text model

@@ -75,10 +75,26 @@ class DiffusionBackend(Backend):
                     source, dtype=dtype, **hf.load_kwargs(self.spec)
                 )
                 pipe = pipe.to(self.device)
+            self._save_memory(pipe)
         except Exception as exc:  # any failure here means the model is unusable
             raise hf.load_failed(self.spec, source, exc) from exc
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+
+    def _save_memory(self, pipe: Any) -> None:
+        """The registry's memory settings: less GPU memory per call for a little time
+        (big images or batches on a small GPU)."""
+        options = self.spec.options
+        if options.get("attention_slicing"):
+            pipe.enable_attention_slicing()  # attention computed in slices
+        if options.get("vae_slicing") or options.get("vae_tiling"):
+            vae = getattr(pipe, "vae", None)
+            if vae is None:
+                raise ValueError("vae_slicing / vae_tiling: this pipeline has no VAE")
+            if options.get("vae_slicing"):
+                vae.enable_slicing()  # a batch's images decoded one at a time
+            if options.get("vae_tiling"):
+                vae.enable_tiling()  # a large image decoded in overlapping tiles
 
     def batch_key(self, job_input: dict[str, Any]) -> Hashable:
         return self.shape(job_input)
