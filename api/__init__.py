@@ -7,6 +7,7 @@ import uuid
 
 from flask import Flask, g, request
 
+from spool import registry
 from spool import settings as settings_mod
 from spool.settings import Settings
 
@@ -21,6 +22,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     from api.extensions import api, jwt, limiter
 
     s = settings or settings_mod.get()
+    registry.models()  # a broken registry stops the process booting, not each request
     app = Flask("spool")
     app.config.update(
         SPOOL=s,

@@ -103,6 +103,17 @@ def users_key(name: str) -> None:
     click.echo(key)
 
 
+def _check_registry() -> None:
+    """Read the model registry now: a broken one stops a command at start, with its
+    reason, not its first request or job."""
+    from spool import registry
+
+    try:
+        registry.models()
+    except registry.RegistryError as exc:
+        raise click.ClickException(f"model registry: {exc}") from exc
+
+
 # --- models ------------------------------------------------------------------------------
 
 
@@ -152,6 +163,7 @@ def models_check(names: tuple[str, ...], as_json: bool) -> None:
     from spool.logs import configure
 
     configure("worker")
+    _check_registry()
     unknown = [n for n in names if registry.get(n) is None]
     if unknown:
         known = ", ".join(registry.models())
@@ -181,6 +193,7 @@ def models_list() -> None:
     """Print the registry."""
     from spool import registry
 
+    _check_registry()
     for spec in registry.models().values():
         click.echo(f"{spec.name:<16} {spec.kind:<16} {spec.queue:<28} {spec.source}")
 
@@ -194,6 +207,7 @@ def models_list() -> None:
 @click.option("--workers", "n_workers", type=int, default=None, help="gunicorn processes")
 def api(port: int | None, host: str | None, n_workers: int | None) -> None:
     """Serve the HTTP API with gunicorn (gevent workers)."""
+    _check_registry()
     s = settings.get()
     from spool import db as dbm
 
@@ -277,6 +291,7 @@ def worker(
     from spool.logs import configure
 
     configure("worker")
+    _check_registry()
     if model_names is None and queues:
         names: list[str] = []  # a housekeeping worker: only the queues asked for
     else:
@@ -370,6 +385,7 @@ def up(port: int | None, no_tiny: bool) -> None:
     """Start the whole platform: API, worker, beat (and embedded PostgreSQL/Redis if no URLs)."""
     from spool import stack
 
+    _check_registry()
     stack.run_up(port=port, build_tiny=not no_tiny)
 
 

@@ -93,3 +93,17 @@ def test_models_check_loads_each_model_runs_a_job_and_names_what_failed(tmp_path
     assert report[0]["job_s"] is not None and "nothing-here" in report[1]["error"]
     bad = run(env, "models", "check", "gpt-5", check=False)
     assert bad.returncode == 2 and "not in the registry: gpt-5" in bad.stderr
+
+
+def test_a_broken_registry_stops_each_command_at_start_with_its_reason(
+    database_url: str, services: support.Services, tmp_path
+) -> None:
+    registry = tmp_path / "models.yaml"
+    registry.write_text("models:\n  sd:\n    kind: image.generate\n    vae_tilling: true\n")
+    p = support.Platform(database_url, services.redis_url, tmp_path)
+    env = p.env(SPOOL_MODELS_FILE=str(registry))
+    for args in (["api"], ["worker", "--models", "sd"], ["models", "check"], ["models", "list"]):
+        out = run(env, *args, check=False)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert "model registry: model 'sd': unknown setting(s) vae_tilling" in out.stderr, args
+        assert "Traceback" not in out.stderr, args
