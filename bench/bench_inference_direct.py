@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from spool import registry, settings, tiny_models
+from workers.check import QuietContext
 
 
 @dataclass(frozen=True)
@@ -87,31 +88,6 @@ class Row:
     max_pixel_diff: int | None = None
 
 
-class _QuietContext:
-    """A JobContext that discards what it is told (the bench measures compute only)."""
-
-    def __init__(self, job_input: dict[str, Any]) -> None:
-        self.job_id = "job_bench"
-        self.input = job_input
-        self.artifacts: list[bytes] = []  # kept for the batched-vs-alone check
-
-    def progress(self, current: int, total: int) -> None:
-        pass
-
-    def token(self, text: str) -> None:
-        pass
-
-    def canceled(self) -> bool:
-        return False
-
-    def check(self) -> None:
-        pass
-
-    def save_artifact(self, name: str, data: bytes, content_type: str) -> str:
-        self.artifacts.append(data)
-        return ""
-
-
 def _pixels(png: bytes) -> Any:
     import io
 
@@ -123,13 +99,13 @@ def _pixels(png: bytes) -> Any:
 
 def consistency_sd(backend: Any, inputs: list[dict[str, Any]]) -> Row:
     """The same seeded jobs batched and each alone: the API promises the same image."""
-    batched = [_QuietContext(i) for i in inputs]
+    batched = [QuietContext(i) for i in inputs]
     backend.predict(batched)
     identical, worst = 0, 0
     for job_input, ctx in zip(inputs, batched, strict=True):
-        alone = _QuietContext(job_input)
+        alone = QuietContext(job_input)
         backend.predict([alone])
-        a, b = _pixels(ctx.artifacts[0]), _pixels(alone.artifacts[0])
+        a, b = _pixels(ctx.artifacts["image-0.png"]), _pixels(alone.artifacts["image-0.png"])
         diff = int(abs(a - b).max())
         identical += diff == 0
         worst = max(worst, diff)
@@ -141,8 +117,8 @@ def consistency_sd(backend: Any, inputs: list[dict[str, Any]]) -> Row:
 
 def consistency_llm(backend: Any, inputs: list[dict[str, Any]]) -> Row:
     """The same seeded text jobs batched and each alone: the API promises the same text."""
-    batched = backend.predict([_QuietContext(i) for i in inputs])
-    alone = [backend.predict([_QuietContext(i)])[0] for i in inputs]
+    batched = backend.predict([QuietContext(i) for i in inputs])
+    alone = [backend.predict([QuietContext(i)])[0] for i in inputs]
     identical = sum(a["text"] == b["text"] for a, b in zip(batched, alone, strict=True))
     return Row(backend.spec.name, "batched vs alone", len(inputs), 0.0, identical=identical)
 
@@ -200,7 +176,7 @@ def bench_sd(
 
         def predict(n: int = n) -> object:
             jobs = [
-                _QuietContext({"prompt": f"a photo of thing {i}", "seed": i, **sd_input})
+                QuietContext({"prompt": f"a photo of thing {i}", "seed": i, **sd_input})
                 for i in range(n)
             ]
             return backend.predict(jobs)  # type: ignore[arg-type]
@@ -241,7 +217,7 @@ def bench_llm(
         def predict(prompts: list[str] = prompts) -> object:
             # min_tokens: random weights emit EOS early; every row makes exactly `tokens`.
             jobs = [
-                _QuietContext({"prompt": p, "max_tokens": tokens, "min_tokens": tokens, "seed": i})
+                QuietContext({"prompt": p, "max_tokens": tokens, "min_tokens": tokens, "seed": i})
                 for i, p in enumerate(prompts)
             ]
             return backend.predict(jobs)  # type: ignore[arg-type]

@@ -33,20 +33,20 @@ class Checked:
         return self.error is None
 
 
-class _CheckContext:
-    """A JobContext that keeps what the job makes in memory (nothing is stored)."""
+class QuietContext:
+    """A JobContext for a job run outside the platform (a check, a benchmark): progress
+    and tokens go nowhere, artifacts are kept in memory by name (nothing is stored)."""
 
-    def __init__(self, job_input: dict[str, Any]) -> None:
-        self.job_id = "job_check"
+    def __init__(self, job_input: dict[str, Any], job_id: str = "job_check") -> None:
+        self.job_id = job_id
         self.input = job_input
-        self.tokens: list[str] = []
         self.artifacts: dict[str, bytes] = {}
 
     def progress(self, current: int, total: int) -> None:
         pass
 
     def token(self, text: str) -> None:
-        self.tokens.append(text)
+        pass
 
     def canceled(self) -> bool:
         return False
@@ -73,11 +73,11 @@ def small_input(spec: ModelSpec) -> tuple[dict[str, Any], str]:
 
 
 def _modules(backend: Any) -> list[Any]:
+    holder = getattr(backend, "pipe", None) or getattr(backend, "model", None)
+    if holder is None:  # echo: no model (and maybe no torch installed)
+        return []
     import torch
 
-    holder = getattr(backend, "pipe", None) or getattr(backend, "model", None)
-    if holder is None:
-        return []
     if isinstance(holder, torch.nn.Module):
         return [holder]
     components = getattr(holder, "components", {})  # a diffusers pipeline
@@ -95,7 +95,7 @@ def check(spec: ModelSpec) -> Checked:
     except Exception as exc:  # the message is what the operator needs: no traceback
         out.error = str(exc) or type(exc).__name__
         return out
-    modules = _modules(backend) if spec.kind != "echo" else []
+    modules = _modules(backend)
     if modules:
         first = next(modules[0].parameters(), None)
         out.device = str(getattr(backend, "device", "-"))
@@ -105,7 +105,7 @@ def check(spec: ModelSpec) -> Checked:
     if cuda is not None:
         cuda.reset_peak_memory_stats()
     job_input, out.job = small_input(spec)
-    ctx = _CheckContext(job_input)
+    ctx = QuietContext(job_input)
     started = time.perf_counter()
     try:
         [result] = backend.predict([ctx])
