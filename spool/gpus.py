@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger("spool.gpus")
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
+SUPERVISOR_ENV = "SPOOL_SUPERVISOR_PID"  # a child's supervisor, for it to stop without one
 RESTART_DELAY_S = 2.0  # a process that dies at once is not started in a tight loop
 MAX_RESTART_DELAY_S = 60.0
 STABLE_S = 60.0  # a process that ran this long before dying starts the count afresh
@@ -48,6 +49,15 @@ def device_count() -> int:
     return int(torch.cuda.device_count())
 
 
+def visible(environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """The entries of CUDA_VISIBLE_DEVICES (the host's names of the GPUs this process
+    sees, cuda:0 first), or None when it is unset."""
+    env = os.environ if environ is None else environ
+    if VISIBLE not in env:
+        return None
+    return [g.strip() for g in env[VISIBLE].split(",") if g.strip()]
+
+
 def resolve(spec: str, environ: Mapping[str, str] | None = None) -> list[str]:
     """The GPUs to run a worker process on each, as `CUDA_VISIBLE_DEVICES` entries.
 
@@ -55,14 +65,12 @@ def resolve(spec: str, environ: Mapping[str, str] | None = None) -> list[str]:
     when set, else the driver's count); `none` (or empty): none, one process for
     whatever devices it sees; else a comma-separated list of GPU indices or UUIDs.
     """
-    env = os.environ if environ is None else environ
     value = spec.strip().lower()
     if value in ("", "none"):
         return []
     if value == "auto":
-        if VISIBLE in env:  # already narrowed (by a scheduler, or by hand): keep its names
-            return [g.strip() for g in env[VISIBLE].split(",") if g.strip()]
-        return [str(i) for i in range(device_count())]
+        narrowed = visible(environ)  # by a scheduler, or by hand: keep its names
+        return narrowed if narrowed is not None else [str(i) for i in range(device_count())]
     gpus = [g.strip() for g in spec.split(",") if g.strip()]
     bad = [g for g in gpus if not (g.isdigit() or g.upper().startswith(("GPU-", "MIG-")))]
     if bad or not gpus or len(set(gpus)) != len(gpus):
@@ -79,7 +87,6 @@ class Supervisor:
     def __init__(self, argv: Sequence[str], gpus: Sequence[str], env: Mapping[str, str]) -> None:
         self.argv, self.gpus, self.env = list(argv), list(gpus), dict(env)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.restarts: dict[str, int] = dict.fromkeys(self.gpus, 0)
         self._started_at: dict[str, float] = {}
         self._quick_deaths: dict[str, int] = dict.fromkeys(self.gpus, 0)
         self._stopping = False
@@ -89,7 +96,7 @@ class Supervisor:
         env = {**self.env, VISIBLE: gpu, "SPOOL_METRICS_PORT": "0"}
         # A child whose supervisor is gone stops by itself (workers/app.py), so that a
         # SIGKILLed supervisor leaves no worker behind.
-        env["SPOOL_SUPERVISOR_PID"] = str(os.getpid())
+        env[SUPERVISOR_ENV] = str(os.getpid())
         child = subprocess.Popen(self.argv, env=env)
         self.children[gpu] = child
         self._started_at[gpu] = time.monotonic()
@@ -130,7 +137,6 @@ class Supervisor:
                         due[gpu] = now + delay
                     elif now >= due[gpu]:
                         del due[gpu]
-                        self.restarts[gpu] += 1
                         self._start(gpu)
                 time.sleep(poll_s)
         finally:

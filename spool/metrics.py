@@ -75,6 +75,8 @@ from prometheus_client import multiprocess as _mp
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from spool import gpus
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -444,9 +446,9 @@ def sample_gpu_memory() -> None:
         return
     # Under CUDA_VISIBLE_DEVICES (a worker process per GPU) cuda:0 is whichever GPU the
     # process was given: label it by the host's name for it, so processes add up per GPU.
-    visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    names = gpus.visible() or []
     for index in range(cuda.device_count()):
-        device = f"cuda:{visible[index] if index < len(visible) and visible[index] else index}"
+        device = f"cuda:{names[index] if index < len(names) else index}"
         GPU_MEMORY_ALLOCATED.labels(device).set(cuda.memory_allocated(index))
         GPU_MEMORY_RESERVED.labels(device).set(cuda.memory_reserved(index))
 

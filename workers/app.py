@@ -13,6 +13,7 @@ import time
 from celery import signals
 
 from spool import db, dispatch, metrics, redisconn, settings, workers_online
+from spool.gpus import SUPERVISOR_ENV
 
 log = logging.getLogger("spool.worker")
 
@@ -21,7 +22,6 @@ app.conf.imports = ("workers.inference", "workers.sweeper", "workers.webhooks")
 
 WORKER_NAME = os.environ.get("SPOOL_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 LIVENESS_EVERY_S = 5.0
-SUPERVISOR_ENV = "SPOOL_SUPERVISOR_PID"  # set by spool/gpus.py for the processes it starts
 ALIVE_KEY = "spool:worker-alive:{}"
 
 
