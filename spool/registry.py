@@ -8,7 +8,7 @@ route to a queue, the workers to load the model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class ModelSpec:
         value = self.effective_limits.get(key)
         return fallback if value is None else value
 
-    @property
+    @cached_property  # read for every job's inputs; a spec never changes
     def effective_limits(self) -> dict[str, Any]:
         """The entry's limits over its kind's: what a job of this model may ask for."""
         return {**KIND_LIMITS.get(self.kind, {}), **self.limits}

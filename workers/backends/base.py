@@ -67,11 +67,11 @@ class LearnedCaps:
     def lower(self, cap: int, key: Hashable = None) -> bool:
         """Cap `key`'s batches at `cap` from now on (a cap in force is never raised);
         True when that lowered it."""
-        current = self.get(key)
-        if current is not None and current <= cap:
-            return False
         with self._lock:
-            self._caps[key] = (max(1, cap), self._clock())
+            now, found = self._clock(), self._caps.get(key)
+            if found is not None and now - found[1] < self.ttl_s and found[0] <= cap:
+                return False
+            self._caps[key] = (max(1, cap), now)
         return True
 
 
