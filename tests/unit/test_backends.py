@@ -25,6 +25,14 @@ def _alone(backend: Any, job_input: dict[str, Any]) -> tuple[Any, RecordingConte
     return backend.predict([ctx])[0], ctx
 
 
+def _out_of_memory(model: str) -> float:
+    """spool_model_out_of_memory_total of `model`, in this process."""
+    from prometheus_client import REGISTRY
+
+    labels = {"model": model}
+    return REGISTRY.get_sample_value("spool_model_out_of_memory_total", labels) or 0.0
+
+
 def _assert_same_image(a: bytes, b: bytes) -> None:
     # Identical noise (one generator per image) gives the same image. Kernels for other
     # batch sizes may round differently in the last float bit: allow one level on a few pixels.
@@ -512,19 +520,13 @@ class _DeviceOf:
 def test_image_batch_out_of_memory_runs_again_in_halves_and_remembers(
     tiny_models: dict[str, Path],
 ) -> None:
-    from prometheus_client import REGISTRY
-
     from workers.backends.diffusion import DiffusionBackend
-
-    def out_of_memory() -> float:
-        labels = {"model": "tiny-sd-oom"}
-        return REGISTRY.get_sample_value("spool_model_out_of_memory_total", labels) or 0.0
 
     backend = DiffusionBackend(sd_spec(tiny_models["tiny-sd"], name="tiny-sd-oom"))
     backend.setup()
     real = backend.pipe
     device = backend.pipe = _DeviceOf(real, fits=2)
-    before = out_of_memory()
+    before = _out_of_memory("tiny-sd-oom")
     jobs = [{"prompt": f"a cat {i}", "seed": i, "steps": 3} for i in range(4)]
     jobs.append({"prompt": "two dogs", "seed": 9, "steps": 3, "num_images": 2})
     ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
@@ -532,7 +534,7 @@ def test_image_batch_out_of_memory_runs_again_in_halves_and_remembers(
     assert all(not isinstance(o, BaseException) for o in outs), outs
     # 6 images refused; its halves (3 + 3) refused; then calls of at most 2, no job split.
     assert device.calls[:3] == [(6, False), (3, False), (2, True)]
-    assert out_of_memory() - before == 2
+    assert _out_of_memory("tiny-sd-oom") - before == 2
     assert all(ran for _, ran in device.calls[3:]) and max(n for n, _ in device.calls[3:]) <= 2
     for job, ctx in zip(jobs, ctxs, strict=True):
         # Progress restarts with the call run again, but a job's reports never go back.
@@ -619,13 +621,7 @@ class _ModelOnDeviceOf:
 def test_text_batch_out_of_memory_goes_on_in_halves_without_losing_a_token(
     tiny_models: dict[str, Path],
 ) -> None:
-    from prometheus_client import REGISTRY
-
     from workers.backends.llm import LLMBackend
-
-    def out_of_memory() -> float:
-        labels = {"model": "tiny-llm-oom"}
-        return REGISTRY.get_sample_value("spool_model_out_of_memory_total", labels) or 0.0
 
     backend = LLMBackend(llm_spec(tiny_models["tiny-llm"], name="tiny-llm-oom"))
     backend.setup()
@@ -641,10 +637,10 @@ def test_text_batch_out_of_memory_goes_on_in_halves_without_losing_a_token(
     # four rows fit the prompts and a few tokens, then run out.
     device = backend.model = _ModelOnDeviceOf(real, cells=2 * (prompt_len + 11))
     assert 4 * (prompt_len + 2) <= device.cells < 4 * (prompt_len + 11)
-    before = out_of_memory()
+    before = _out_of_memory("tiny-llm-oom")
     ctxs = [RecordingContext(dict(j), job_id=f"job_{i}") for i, j in enumerate(jobs)]
     outs = backend.predict(ctxs)
-    assert out_of_memory() - before == 1
+    assert _out_of_memory("tiny-llm-oom") - before == 1
     assert (4, False) in device.passes and device.passes[0] == (4, True)  # ran out midway
     assert outs == expected  # the texts they would have had, token counts included
     for out, ctx in zip(outs, ctxs, strict=True):
