@@ -36,7 +36,10 @@ def post_worker_init(worker) -> None:
     # Make psycopg2 cooperative with gevent, so a slow query parks only its greenlet.
     from psycogreen.gevent import patch_psycopg
 
+    from api import gunicorn_response
+
     patch_psycopg()
+    gunicorn_response.install()  # a response's head and body in one send()
 
 
 def child_exit(server, worker) -> None:

@@ -40,26 +40,11 @@ class Event:
     data: dict[str, Any]
 
 
-def publish(
-    job_id: str, type_: str, data: dict[str, Any], client: redis.Redis | None = None
-) -> None:
-    """Append an event; never raises (Redis down must not fail a state change)."""
-    r = client or redisconn.client()
-    key = stream_key(job_id)
-    try:
-        with r.pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {"type": type_, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN)
-            pipe.expire(key, STREAM_TTL_S)
-            pipe.execute()
-    except redis.RedisError as exc:
-        log.warning("event %s for %s not published: %s", type_, job_id, exc)
-
-
 def publish_many(items: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
     """Append many (job_id, type, data) events in one round trip, in order; never raises.
 
-    For the events of a running job (progress, tokens): its stream's expiry is set by the
-    status events around them (running, then the end), so it is not set again here.
+    A status event sets its stream's expiry; progress and tokens come between a job's
+    status events, so they do not set it again.
     """
     batch = list(items)
     if not batch:
@@ -67,33 +52,39 @@ def publish_many(items: Iterable[tuple[str, str, dict[str, Any]]]) -> None:
     try:
         with redisconn.client().pipeline(transaction=False) as pipe:
             for job_id, type_, data in batch:
-                pipe.xadd(
-                    stream_key(job_id),
-                    {"type": type_, "data": json.dumps(data)},
-                    maxlen=STREAM_MAXLEN,
-                )
+                _append(pipe, job_id, type_, data)
             pipe.execute()
     except redis.RedisError as exc:
         log.warning("%d events not published: %s", len(batch), exc)
 
 
+def _append(pipe: Any, job_id: str, type_: str, data: dict[str, Any]) -> None:
+    key = stream_key(job_id)
+    pipe.xadd(key, {"type": type_, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN)
+    if type_ == "status":
+        pipe.expire(key, STREAM_TTL_S)
+
+
 def publish_status(
-    job_id: str, status: str, extra: dict[str, Any] | None = None, result: str | None = None
+    job_id: str,
+    status: str,
+    extra: dict[str, Any] | None = None,
+    result: str | None = None,
+    before: Iterable[tuple[str, str, dict[str, Any]]] = (),
 ) -> None:
     """A status change; a terminal one is followed by `done`, which ends SSE streams.
 
     `result`: the JSON of the job's committed `{"output", "error"}`, given only by a
-    writer whose change has committed; a long poll then answers from it (see `Ended`)."""
+    writer whose change has committed; a long poll then answers from it (see `Ended`).
+    `before`: (job_id, type, data) events to publish first, in the same round trip."""
+    now = (job_id, "status", {"status": status, **(extra or {})})
     if status not in TERMINAL:
-        publish(job_id, "status", {"status": status, **(extra or {})})
+        publish_many([*before, now])
         return
     try:
         with redisconn.client().pipeline(transaction=False) as pipe:
-            key = stream_key(job_id)
-            last = [("status", {"status": status, **(extra or {})}), ("done", {"status": status})]
-            for type_, data in last:
-                pipe.xadd(key, {"type": type_, "data": json.dumps(data)}, maxlen=STREAM_MAXLEN)
-            pipe.expire(key, STREAM_TTL_S)
+            for ev in [*before, now, (job_id, "done", {"status": status})]:
+                _append(pipe, *ev)
             _mark_ended(pipe, job_id, status, result)
             pipe.execute()
     except redis.RedisError as exc:

@@ -54,6 +54,7 @@ class Courier:
         self._last_poll = 0.0
         self._first_at: float | None = None  # when the oldest unsent item was handed in
         self._asked = False  # a flush() waits: send without waiting for company
+        self._sending: set[str] = set()  # jobs with items in the round being sent now
         self._thread: threading.Thread | None = None
 
     def event(self, job_id: str, type_: str, data: dict[str, Any]) -> None:
@@ -98,6 +99,21 @@ class Courier:
                 self._cond.notify_all()
             return self._cond.wait_for(lambda: self._done >= target, timeout)
 
+    def take(self, job_id: str, timeout: float = FLUSH_TIMEOUT_S) -> list[Event] | None:
+        """The job's events not sent yet, taken back for its finish to send ahead of its
+        end in the same round trip: a job shorter than COALESCE_S (an echo) costs one
+        Redis round trip for its whole stream instead of two. Its unsaved progress is
+        dropped (the finish records the last). Waits while a round is sending earlier
+        items of the job, so its events keep their order; None if that took too long."""
+        with self._cond:
+            mine = [e for e in self._events if e[0] == job_id]
+            if mine:
+                self._events = [e for e in self._events if e[0] != job_id]
+            self._progress.pop(job_id, None)
+            if not self._cond.wait_for(lambda: job_id not in self._sending, timeout):
+                return None
+        return coalesce(mine)
+
     def _wake(self) -> None:  # with the lock held
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="spool-courier", daemon=True)
@@ -125,6 +141,7 @@ class Courier:
                 self._first_at, self._asked = None, False
                 watched = list(self._watched.values())
                 handed = self._handed
+                self._sending = {e[0] for e in batch} | set(progress)
             try:
                 events.publish_many(coalesce(batch))  # in order, one round trip; never raises
                 for claim, current, total in progress.values():
@@ -136,6 +153,7 @@ class Courier:
             finally:
                 with self._cond:
                     self._done = handed
+                    self._sending = set()
                     self._cond.notify_all()
 
     @staticmethod
@@ -242,17 +260,27 @@ class RunContext:
     def token(self, text: str) -> None:
         self._courier.event(self.job_id, "token", {"text": text})
 
+    def announce_running(self) -> None:
+        """The job's `running` status event, sent with the job's next round of events
+        (or with its end, for a job over within COALESCE_S)."""
+        data = {"status": "running", "attempt": self.claim.attempts}
+        self._courier.event(self.job_id, "status", data)
+
     def save_artifact(self, name: str, data: bytes, content_type: str) -> str:
         from spool.artifacts import ArtifactStore
 
         ArtifactStore.default().put(self.job_id, name, data)
         return f"{self._base_url}/v1/files/{self.job_id}/{name}"
 
-    def close(self) -> None:
-        """The job is over: stop polling its cancel flag; wait until its events are sent."""
+    def close(self) -> list[Event]:
+        """The job is over: stop polling its cancel flag. Returns its events not sent yet,
+        for the finish to send ahead of its final status (`lease.finish`)."""
         self._courier.unwatch(self)
-        if not self._courier.flush():
+        unsent = self._courier.take(self.job_id)
+        if unsent is None:
             log.warning("events of %s still unsent after %.0f s", self.job_id, FLUSH_TIMEOUT_S)
+            return []
+        return unsent
 
     # --- stopping -----------------------------------------------------------------
     def canceled(self) -> bool:

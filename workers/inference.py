@@ -8,13 +8,13 @@ from typing import Any
 
 from sqlalchemy.exc import DataError
 
-from spool import registry
+from spool import events, registry
 from spool.states import Status
 from workers import lease
 from workers.app import WORKER_NAME, app, base_url
 from workers.backends import backend_class
 from workers.backends.base import Backend, JobCanceled, JobTimedOut, ModelLoadError
-from workers.context import RunContext, heartbeat
+from workers.context import Event, RunContext, heartbeat
 
 log = logging.getLogger("spool.worker")
 
@@ -46,10 +46,12 @@ def _run(spec: registry.ModelSpec, ctx: RunContext) -> dict[str, Any]:
     return result
 
 
-def _finish(ctx: RunContext, status: str, out: Any, err: dict[str, str] | None) -> bool:
+def _finish(
+    ctx: RunContext, status: str, out: Any, err: dict[str, str] | None, unsent: list[Event]
+) -> bool:
     c = ctx.claim
     try:
-        return lease.finish(c, status, out, err, ctx.last_progress)
+        return lease.finish(c, status, out, err, ctx.last_progress, unsent)
     except DataError as exc:
         # An output PostgreSQL refuses (e.g. NUL in text) would fail again on every retry:
         # fail the job now with the reason, instead of letting its lease run out.
@@ -60,18 +62,20 @@ def _finish(ctx: RunContext, status: str, out: Any, err: dict[str, str] | None) 
             None,
             _error("unstorable_output", f"the output could not be stored: {exc.orig}"),
             ctx.last_progress,
+            unsent,
         )
 
 
 @app.task(name="spool.run_job", ignore_result=True)
 def run_job(hint: str, queue: str) -> str:
     """Run the best queued job of `queue` (`hint`: the job whose submission sent this)."""
-    c = lease.claim(queue, WORKER_NAME)
+    c = lease.claim(queue, WORKER_NAME, announce=False)
     if c is None:
         return "nothing to do"  # a surplus token: every job of the queue is taken
     job_id = c.job_id
     log.info("job started", extra={"job_id": job_id, "attempt": c.attempts})
     ctx = RunContext(c, base_url())
+    ctx.announce_running()
     beat = heartbeat()
     beat.add(ctx)
     try:
@@ -95,8 +99,9 @@ def run_job(hint: str, queue: str) -> str:
         )
     finally:
         beat.remove(ctx)
-        ctx.close()  # its progress and token events go out before its final status
-    if ctx.lost.is_set() or not _finish(ctx, status, out, err):
+        unsent = ctx.close()  # its events not sent yet go out just before its final status
+    if ctx.lost.is_set() or not _finish(ctx, status, out, err, unsent):
+        events.publish_many(unsent)
         log.warning(
             "job was taken back before it finished; outcome dropped", extra={"job_id": job_id}
         )

@@ -101,8 +101,11 @@ CLAIM_SQL = db.prepared(
 )
 
 
-def claim(queue: str, worker: str) -> Claim | None:
+def claim(queue: str, worker: str, announce: bool = True) -> Claim | None:
     """Take the best queued job of this queue, or None when there is none.
+
+    `announce`: publish its `running` status now; a worker leaves that to the job's
+    context instead, which sends it with the job's first events or its end.
 
     One statement in autocommit takes a job with no webhook. A job with one must record
     its job.started delivery in the claim's transaction: the statement leaves it queued
@@ -121,7 +124,8 @@ def claim(queue: str, worker: str) -> Claim | None:
     if row is None or row.id is None:
         return None
     job_id = row.id
-    events.publish_status(job_id, Status.RUNNING, {"attempt": row.attempts})
+    if announce:
+        events.publish_status(job_id, Status.RUNNING, {"attempt": row.attempts})
     metrics.observe_job_started(row.kind, row.model, float(row.waited_s or 0))
     return Claim(
         job_id,
@@ -223,9 +227,11 @@ def finish(
     output: Any = None,
     error: dict[str, str] | None = None,
     progress: tuple[int, int] | None = None,
+    unsent: Sequence[tuple[str, str, dict[str, Any]]] = (),
 ) -> bool:
     """Record the outcome (and the last progress the job reported) if the job is still
-    ours; False when it was taken away."""
+    ours; False when it was taken away. `unsent`: the job's events not published yet,
+    published just before its end, in the same round trip."""
     last = {"current": progress[0], "total": progress[1]} if progress else None
     params = {
         "id": c.job_id,
@@ -242,6 +248,6 @@ def finish(
         return False
     extra: dict[str, Any] = {"error": error} if error else {}
     # After the commit: what the announcement carries is already stored.
-    events.publish_status(c.job_id, status, extra, _stored_result(row))
+    events.publish_status(c.job_id, status, extra, _stored_result(row), unsent)
     metrics.observe_job_finished(c.kind, c.model, status, float(row.run_s or 0))
     return True

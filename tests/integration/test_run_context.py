@@ -43,8 +43,11 @@ def test_events_of_many_jobs_go_out_in_order_before_close_returns(database_url: 
             ctx.progress(step, steps)
     text = "".join(f"t{step} " for step in range(1, steps + 1))
     for ctx in contexts:
-        ctx.close()  # from here on lease.finish publishes the final status
+        unsent = ctx.close()  # lease.finish publishes these just before the final status
+        events.publish_status(ctx.job_id, "succeeded", before=unsent)
         sent = [(e.type, e.data) for e in events.history(ctx.job_id)]
+        assert sent[-2:] == [("status", {"status": "succeeded"}), ("done", {"status": "succeeded"})]
+        sent = sent[:-2]
         # Each round's tokens of a job come folded into one event, its progress after
         # them: the whole text, progress only going up to the last step, never ahead of
         # the text sent before it.
@@ -60,6 +63,32 @@ def test_events_of_many_jobs_go_out_in_order_before_close_returns(database_url: 
             else:
                 assert data["current"] <= shown
         assert len(sent) < 2 * steps  # folded: the loop reports far faster than a round
+
+
+def test_a_short_job_hands_its_unsent_events_to_its_finish(database_url: str) -> None:
+    """A job over before the courier's round (an echo) has its `running` status sent with
+    its end, in one round trip, not by the courier first."""
+    from workers.context import COALESCE_S
+
+    ctx = _context()
+    ctx.announce_running()
+    ctx.token("hi")
+    ctx.token(" there")
+    unsent = ctx.close()
+    running = {"status": "running", "attempt": 1}
+    assert unsent == [
+        (ctx.job_id, "status", running),
+        (ctx.job_id, "token", {"text": "hi there"}),  # folded as the courier would
+    ]
+    time.sleep(COALESCE_S * 5)
+    assert events.history(ctx.job_id) == []  # the courier did not send them too
+    events.publish_status(ctx.job_id, "succeeded", before=unsent)
+    assert [(e.type, e.data) for e in events.history(ctx.job_id)] == [
+        ("status", running),
+        ("token", {"text": "hi there"}),
+        ("status", {"status": "succeeded"}),
+        ("done", {"status": "succeeded"}),
+    ]
 
 
 def test_cancel_flag_is_seen_within_a_poll(database_url: str, redis_client: Any) -> None:
