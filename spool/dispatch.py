@@ -8,16 +8,22 @@ queue short of tokens, which the sweeper tops up; a surplus token is a no-op.
 
 from __future__ import annotations
 
+import base64
+import bisect
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import redis
 from celery import Celery
+from kombu import serialization
+from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.exceptions import KombuError
+from kombu.utils import json as kombu_json
 from kombu.utils.uuid import uuid
+
+from spool import redisconn
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +46,36 @@ def celery_app() -> Celery:
     return app
 
 
+# Tokens go out in Redis pipelines of this many: 50,000 in seconds, not minutes.
+CHUNK = 1000
+
+
 def send(messages: Iterable[Message]) -> int:
-    """Send tokens; returns how many went. Never raises: the sweeper makes up the rest."""
+    """Send tokens; returns how many went. Never raises: the sweeper makes up the rest.
+
+    Celery builds each task message (`create_task_message`: its headers, properties
+    and body) and kombu serializes it; the message is then pushed onto the queue's
+    Redis list here, as kombu's Redis transport would push it (`envelope`), with the
+    API's own Redis client. Through kombu's producer a publish cost ~3x the LPUSH
+    itself in CPU (a producer from the pool, its channel and connection checks, per
+    message); the submit path pays it once per job (BENCHMARKS.md). A repeated chunk
+    after a timeout only sends surplus tokens, which a worker drops.
+    """
     app = celery_app()
-    sent = 0
     messages = list(messages)
-    if len(messages) >= BATCHED_MIN:
-        return _send_batched(app, messages)
+    sent = 0
     try:
-        with app.producer_or_acquire() as producer:
-            for m in messages:
-                _publish(app, producer, m)
-                sent += 1
+        client = redisconn.client()
+        for start in range(0, len(messages), CHUNK):
+            chunk = messages[start : start + CHUNK]
+            if len(chunk) == 1:
+                client.lpush(*envelope(app, chunk[0]))
+            else:
+                with client.pipeline(transaction=False) as pipe:
+                    for m in chunk:
+                        pipe.lpush(*envelope(app, m))
+                    pipe.execute()
+            sent += len(chunk)
     except (redis.RedisError, KombuError, OSError) as exc:
         log.warning(
             "sent %d of %d job messages, the sweeper sends the rest: %s",
@@ -62,54 +86,40 @@ def send(messages: Iterable[Message]) -> int:
     return sent
 
 
-def _publish(app: Celery, producer: Any, m: Message) -> None:
-    """Celery's task message, published as `send_task` would, without its per-call
-    routing, option and repr work: `declare=[]` because the workers declare their
-    queues, and an anonymous-exchange publish needs no binding lookup."""
+def envelope(app: Celery, m: Message) -> tuple[str, str]:
+    """(the Redis list, the message) for `m`'s `spool.run_job` task, as kombu's Redis
+    transport writes what `send_task` publishes on an anonymous exchange.
+    tests/integration/test_broker_transport.py holds it equal to kombu's own."""
     args = [m.job_id, m.queue]
-    message = app.amqp.create_task_message(
+    task = app.amqp.create_task_message(
         uuid(), RUN_JOB, args, {}, argsrepr=repr(args), kwargsrepr="{}"
     )
-    app.amqp.send_task_message(
-        producer, RUN_JOB, message, queue=m.queue,
-        priority=m.priority,  # a high job's token jumps ahead of a backlog
-        retry=False, declare=[],
-    )  # fmt: skip
+    content_type, encoding, body = serialization.dumps(task.body, app.conf.task_serializer)
+    body = body.encode() if isinstance(body, str) else body
+    properties = {
+        **task.properties,
+        "delivery_mode": PERSISTENT_DELIVERY_MODE,
+        "priority": m.priority,  # a high job's token jumps ahead of a backlog
+        "delivery_info": {"exchange": "", "routing_key": m.queue},
+        "body_encoding": "base64",
+        "delivery_tag": uuid(),
+    }
+    message = {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": encoding,
+        "content-type": content_type,
+        "headers": task.headers,
+        "properties": properties,
+    }
+    return _list_for(app, m.queue, m.priority), kombu_json.dumps(message)
 
 
-# A batch's tokens go out in Redis pipelines of this many (kombu's Producer.batch):
-# one round trip per chunk instead of one (plus a Redis client object) per message.
-BATCHED_MIN = 32
-BATCH_CHUNK = 1000
-
-
-def _send_batched(app: Celery, messages: list[Message]) -> int:
-    """`_publish`, batched: 50,000 tokens in seconds, not minutes.
-
-    kombu batches Redis publishes only on a connection without `retry_on_timeout` (a
-    replayed pipeline could send twice), so this uses a connection of its own without
-    it: a timeout mid-chunk can only lose tokens, which the sweeper tops up.
-    """
-    options = {**app.conf.broker_transport_options, "retry_on_timeout": False}
-    sent = 0
-    try:
-        with app.connection_for_write(transport_options=options) as conn:
-            producer = app.amqp.Producer(conn)
-            with producer.batch(BATCH_CHUNK) as batch:
-                for start in range(0, len(messages), BATCH_CHUNK):
-                    chunk = messages[start : start + BATCH_CHUNK]
-                    for m in chunk:
-                        _publish(app, producer, m)
-                    batch.flush()
-                    sent += len(chunk)
-    except (redis.RedisError, KombuError, OSError) as exc:
-        log.warning(
-            "sent %d of %d job messages, the sweeper sends the rest: %s",
-            sent,
-            len(messages),
-            exc,
-        )
-    return sent
+def _list_for(app: Celery, queue: str, priority: int) -> str:
+    """The queue's Redis list for this priority: kombu keeps one per priority step."""
+    options = app.conf.broker_transport_options
+    steps = options["priority_steps"]
+    step = steps[bisect.bisect(steps, max(0, min(priority, 9))) - 1]  # kombu's 0-9
+    return f"{queue}{options['sep']}{step}" if step else queue
 
 
 def queue_length(client: redis.Redis, queue: str) -> int:

@@ -81,3 +81,47 @@ def test_a_consumer_reads_celery_messages_and_keeps_no_unacked_record(
         (dispatch.RUN_JOB, ["job_a", QUEUE]),
         (dispatch.RUN_JOB, ["job_b", QUEUE]),
     ]
+
+
+@pytest.mark.parametrize("priority", [0, 3, 6])
+def test_a_token_is_the_message_kombu_would_write(
+    app: Any, redis_client: Any, priority: int
+) -> None:
+    """dispatch.send pushes the queue's list itself: the same list and the same message
+    as Celery's send_task through kombu's producer, but for the ids each one draws."""
+    import json
+
+    from spool import dispatch
+
+    m = dispatch.Message("job_same", QUEUE, priority)
+    with app.producer_or_acquire() as producer:
+        args = [m.job_id, m.queue]
+        task = app.amqp.create_task_message(
+            "task-id", dispatch.RUN_JOB, args, {}, argsrepr=repr(args), kwargsrepr="{}"
+        )
+        app.amqp.send_task_message(
+            producer, dispatch.RUN_JOB, task, queue=m.queue, priority=m.priority,
+            retry=False, declare=[],
+        )  # fmt: skip
+    assert dispatch.send([m]) == 1
+    lists = [k for k in (QUEUE, f"{QUEUE}:3", f"{QUEUE}:6") if redis_client.llen(k)]
+    assert lists == [QUEUE + dispatch.PRIORITY_SUFFIXES[priority // 3]]
+    ours, kombus = (json.loads(raw) for raw in redis_client.lrange(lists[0], 0, -1))
+
+    def ids_blanked(message: dict[str, Any]) -> dict[str, Any]:
+        for key in ("id", "root_id"):
+            message["headers"][key] = "-"
+        for key in ("correlation_id", "delivery_tag"):
+            message["properties"][key] = "-"
+        return message
+
+    assert ids_blanked(ours) == ids_blanked(kombus)
+    assert ours["properties"]["priority"] == priority
+
+
+def test_a_batch_of_tokens_goes_out_whole(app: Any, redis_client: Any) -> None:
+    from spool import dispatch
+
+    sent = dispatch.send([dispatch.Message(f"job_{i}", QUEUE, 3) for i in range(2500)])
+    assert sent == 2500
+    assert redis_client.llen(f"{QUEUE}:3") == 2500
