@@ -51,16 +51,18 @@ def prefer_wait() -> float:
     return 0.0
 
 
-def load_visible(job_id: str) -> Row:
+def load_visible(job_id: str, result_only: bool = False) -> Row:
     """The job as its owner (or an admin) sees it, on the request's session; else 404.
-    In a `key_checked_in_query` view, the same query checks the token's key."""
+    In a `key_checked_in_query` view, the same query checks the token's key.
+    `result_only`: only what GET /result shows (spool.jobs.view_row)."""
+    conn = dbsession.connection()
     token = claimed()
     if token is not None:
-        found, row = jobs.visible_row_for_key(dbsession.connection(), job_id, token.key_id)
+        found, row = jobs.visible_row_for_key(conn, job_id, token.key_id, result_only)
         verified(found)
     else:
         p = principal()
-        row = jobs.visible_row(dbsession.connection(), job_id, p.user_id, p.is_admin)
+        row = jobs.visible_row(conn, job_id, p.user_id, p.is_admin, result_only)
     if row is None:
         raise errors.not_found("job")
     return row
@@ -74,8 +76,9 @@ def job_response(job_id: str) -> dict[str, Any]:
 def wait_for_result(row: Row, wait_s: float) -> Row | events.Ended:
     """Long-poll for a caller that needs only the status, output and error: the job
     once it has ended, or as it is after wait_s; an end announced with its committed
-    result (a worker's finish) is returned as it is, without reading the row again."""
-    return _wait(row, wait_s, lambda e: True)
+    result (a worker's finish) is returned as it is, without reading the row again.
+    `row` and the rows it re-reads hold what GET /result shows (`result_only`)."""
+    return _wait(row, wait_s, lambda e: True, result_only=True)
 
 
 def ended_view(body: dict[str, Any], ended: events.Ended) -> dict[str, Any]:
@@ -96,7 +99,9 @@ def ended_view(body: dict[str, Any], ended: events.Ended) -> dict[str, Any]:
     }
 
 
-def _wait(row: Row, wait_s: float, enough: Callable[[events.Ended], bool]) -> Row | events.Ended:
+def _wait(
+    row: Row, wait_s: float, enough: Callable[[events.Ended], bool], result_only: bool = False
+) -> Row | events.Ended:
     """The job once it has ended, or as it is after wait_s; or its end as announced
     with the committed result when that is `enough` for the caller.
 
@@ -115,7 +120,7 @@ def _wait(row: Row, wait_s: float, enough: Callable[[events.Ended], bool]) -> Ro
         if ended is not None and ended.committed and enough(ended):
             return ended
         announced = ended is not None
-        row = load_visible(row.id)
+        row = load_visible(row.id, result_only)
     return row
 
 

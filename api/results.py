@@ -26,7 +26,7 @@ KEEPALIVE_S = 15.0
 
 
 def result_response(job_id: str, wait_s: float) -> Response:
-    job = load_visible(job_id)
+    job = load_visible(job_id, result_only=True)
     if wait_s:
         ended = wait_for_result(job, wait_s)
         if isinstance(ended, events.Ended):  # the worker's committed result, as stored

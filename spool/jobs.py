@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, cast
@@ -184,52 +185,70 @@ def insert_checked(
     return conn.execute(stmt, params).first()
 
 
-# Built once: SQLAlchemy then only looks the compiled form up in its cache.
-_BY_ID = db.prepared(view_select(JOBS.c.id == bindparam("job_id")), "job")
-_BY_ID_OF_USER = db.prepared(_BY_ID.where(JOBS.c.user_id == bindparam("user_id")), "job_of_user")
+@dataclass(frozen=True)
+class _Reads:
+    """The reads of one job by id, built once (SQLAlchemy then only looks their
+    compiled form up in its cache), for one set of columns."""
 
-# The token's principal, and the job if that principal may see it: one round trip for
-# what would be the user look-up and the read.
-_P = users.PRINCIPAL.subquery("p")
-_BY_ID_FOR_KEY = db.prepared(
-    select(
-        _P.c.id.label("p_user_id"),
-        _P.c.name.label("p_name"),
-        _P.c.is_admin.label("p_is_admin"),
-        *VIEW_COLUMNS,
-        QUEUE_POSITION,
+    by_id: Any
+    of_user: Any
+    # The token's principal, and the job if that principal may see it: one round trip
+    # for what would be the user look-up and the read.
+    for_key: Any
+
+
+def _reads(columns: list[Any], name: str) -> _Reads:
+    by_id = select(*columns).where(JOBS.c.id == bindparam("job_id"))
+    p = users.PRINCIPAL.subquery("p")
+    for_key = select(
+        p.c.id.label("p_user_id"), p.c.name.label("p_name"), p.c.is_admin.label("p_is_admin"),
+        *columns,
     ).select_from(
-        _P.outerjoin(
+        p.outerjoin(
             JOBS,
-            and_(JOBS.c.id == bindparam("job_id"), or_(JOBS.c.user_id == _P.c.id, _P.c.is_admin)),
+            and_(JOBS.c.id == bindparam("job_id"), or_(JOBS.c.user_id == p.c.id, p.c.is_admin)),
         )
-    ),
-    "job_for_key",
-)
+    )  # fmt: skip
+    return _Reads(
+        db.prepared(by_id, name),
+        db.prepared(by_id.where(JOBS.c.user_id == bindparam("user_id")), f"{name}_of_user"),
+        db.prepared(for_key, f"{name}_for_key"),
+    )
 
 
-def view_row(conn: Connection, job_id: str) -> Row | None:
-    """The job as `view_select` shows it, whoever owns it.
+# The job as the API shows it; and only what GET /result shows (no queue position to
+# count, no input or metadata to send and decode), for the long polls.
+_VIEW = _reads([*VIEW_COLUMNS, QUEUE_POSITION], "job")
+_RESULT = _reads([JOBS.c.id, JOBS.c.status, JOBS.c.output, JOBS.c.error, JOBS.c.progress], "result")
+
+
+def view_row(conn: Connection, job_id: str, result_only: bool = False) -> Row | None:
+    """The job as `view_select` shows it, whoever owns it; `result_only`: its id, status,
+    output, error and progress.
 
     Core statements run on the session's connection (no ORM machinery), here and in
     the other per-request queries."""
-    return conn.execute(_BY_ID, {"job_id": job_id}).first()
+    reads = _RESULT if result_only else _VIEW
+    return conn.execute(reads.by_id, {"job_id": job_id}).first()
 
 
-def visible_row(conn: Connection, job_id: str, user_id: str, is_admin: bool = False) -> Row | None:
-    """`visible`, as a plain row that carries its `queue_position`."""
+def visible_row(
+    conn: Connection, job_id: str, user_id: str, is_admin: bool = False, result_only: bool = False
+) -> Row | None:
+    """`visible`, as a plain row that carries its `queue_position` (`view_row`)."""
     if is_admin:
-        return view_row(conn, job_id)
+        return view_row(conn, job_id, result_only)
     params = {"job_id": job_id, "user_id": user_id}
-    return conn.execute(_BY_ID_OF_USER, params).first()
+    return conn.execute((_RESULT if result_only else _VIEW).of_user, params).first()
 
 
 def visible_row_for_key(
-    conn: Connection, job_id: str, key_id: str
+    conn: Connection, job_id: str, key_id: str, result_only: bool = False
 ) -> tuple[users.Principal | None, Row | None]:
     """The principal of the token's key `key_id` (None: revoked key or deleted user) and
     `visible_row` for that principal, in one round trip."""
-    row = conn.execute(_BY_ID_FOR_KEY, {"job_id": job_id, "key_id": key_id}).first()
+    reads = _RESULT if result_only else _VIEW
+    row = conn.execute(reads.for_key, {"job_id": job_id, "key_id": key_id}).first()
     if row is None:
         return None, None
     p = users.Principal(row.p_user_id, row.p_name, row.p_is_admin, key_id)

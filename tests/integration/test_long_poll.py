@@ -19,7 +19,9 @@ from tests import support
 from workers import lease
 
 # The job reads of the API (the first also checks the token's key).
-READS = ("EXECUTE spool_job_for_key_", "EXECUTE spool_job_of_user_")
+READS = tuple(
+    f"EXECUTE spool_{view}_{by}_" for view in ("job", "result") for by in ("for_key", "of_user")
+)
 
 
 @pytest.fixture()
@@ -81,6 +83,8 @@ def test_a_worker_finish_answers_the_long_poll_without_a_re_read(
     t.join()
     assert r.status_code == 200, r.data
     assert _reads(statements) == 1, statements  # the read before the wait; none after
+    # ... and that read fetches only what the result shows (no queue position counted)
+    assert any("EXECUTE spool_result_for_key_" in s for s in statements), statements
 
     stored = client.get(f"/result/{job_id}", headers=auth)  # answered from the row
     assert stored.status_code == 200
