@@ -45,7 +45,32 @@ def start_postgres(var_dir: Path) -> str:
             if parent.stat().st_mode & 0o001 == 0:
                 parent.chmod(parent.stat().st_mode | 0o011)
     server = pgserver.get_server(var_dir / "pgdata", cleanup_mode=None)
-    return server.get_uri()
+    uri = str(server.get_uri())
+    _tune(uri)
+    return uri
+
+
+# Server settings of the embedded PostgreSQL (a production server is the operator's:
+# compose.prod.yml sets the same). The autovacuum launcher looks for tables to vacuum
+# every minute by default: a job queue leaves thousands of dead rows behind per minute
+# (migrations/versions/0005_jobs_autovacuum.py), which claims then walk past.
+SERVER_SETTINGS = {"autovacuum_naptime": "10s"}
+
+
+def _tune(uri: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from spool.db import normalize_url
+
+    eng = create_engine(normalize_url(uri), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with eng.connect() as conn:
+            for name, value in SERVER_SETTINGS.items():
+                conn.execute(text(f"ALTER SYSTEM SET {name} = '{value}'"))
+            conn.execute(text("SELECT pg_reload_conf()"))
+    finally:
+        eng.dispose()
 
 
 def stop_postgres(var_dir: Path) -> None:

@@ -56,3 +56,26 @@ def test_0004_swaps_the_queued_index_and_back(scratch_db: str) -> None:
     assert "ix_jobs_queued_key" not in back and "ix_jobs_queued_order" in back
     command.upgrade(cfg, "head")
     assert _indexes(scratch_db)["ix_jobs_queued_key"] == key
+
+
+def _jobs_options(url: str) -> set[str]:
+    eng = create_engine(db.normalize_url(url), poolclass=NullPool)
+    try:
+        with eng.connect() as conn:
+            options = conn.execute(
+                text("SELECT reloptions FROM pg_class WHERE relname = 'jobs'")
+            ).scalar()
+    finally:
+        eng.dispose()
+    return set(options or [])
+
+
+def test_0005_vacuums_jobs_after_a_few_thousand_dead_rows(scratch_db: str) -> None:
+    cfg = db.alembic_config(scratch_db)
+    command.upgrade(cfg, "0005")
+    assert _jobs_options(scratch_db) == {
+        "autovacuum_vacuum_threshold=2000",
+        "autovacuum_vacuum_scale_factor=0.02",
+    }
+    command.downgrade(cfg, "0004")
+    assert _jobs_options(scratch_db) == set()
