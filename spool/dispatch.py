@@ -55,17 +55,18 @@ def send(messages: Iterable[Message]) -> int:
 
     Celery builds each task message (`create_task_message`: its headers, properties
     and body) and kombu serializes it; the message is then pushed onto the queue's
-    Redis list here, as kombu's Redis transport would push it (`envelope`), with the
-    API's own Redis client. Through kombu's producer a publish cost ~3x the LPUSH
-    itself in CPU (a producer from the pool, its channel and connection checks, per
-    message); the submit path pays it once per job (BENCHMARKS.md). A repeated chunk
-    after a timeout only sends surplus tokens, which a worker drops.
+    Redis list here, as kombu's Redis transport would push it (`envelope`), with a
+    client of the broker's timeouts (redisconn.broker_client). Through kombu's producer
+    a publish cost ~3x the LPUSH itself in CPU (a producer from the pool, its channel
+    and connection checks, per message); the submit path pays it once per job
+    (BENCHMARKS.md). A repeated chunk after a timeout only sends surplus tokens, which
+    a worker drops.
     """
     app = celery_app()
     messages = list(messages)
     sent = 0
     try:
-        client = redisconn.client()
+        client = redisconn.broker_client()
         for start in range(0, len(messages), CHUNK):
             chunk = messages[start : start + CHUNK]
             if len(chunk) == 1:

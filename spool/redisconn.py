@@ -39,7 +39,24 @@ def _blocking() -> redis.Redis:
     )
 
 
+@lru_cache(maxsize=1)
+def broker_client() -> redis.Redis:
+    """For pushing job messages (spool.dispatch): the broker's timeouts (celery_config's
+    transport options), so that a Redis that does not answer fails a submit's push as
+    soon as it failed kombu's, the job then being sent by the sweeper."""
+    from celery_config import broker_transport_options as options
+
+    return redis.Redis.from_url(
+        settings.get().redis_url,
+        socket_connect_timeout=options["socket_connect_timeout"],
+        socket_timeout=options["socket_timeout"],
+        health_check_interval=options["health_check_interval"],
+        decode_responses=True,
+    )
+
+
 def reset() -> None:
     """Drop clients inherited across fork."""
     client.cache_clear()
     _blocking.cache_clear()
+    broker_client.cache_clear()
