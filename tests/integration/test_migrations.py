@@ -4,6 +4,7 @@ down and up again, and rerun after a build that was interrupted."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from alembic import command
@@ -21,15 +22,17 @@ def scratch_db(services: support.Services) -> Iterator[str]:
     services.drop_database(url)
 
 
-def _indexes(url: str) -> dict[str, str]:
+def _rows(url: str, sql: str) -> list[Any]:
     eng = create_engine(db.normalize_url(url), poolclass=NullPool)
     try:
         with eng.connect() as conn:
-            rows = conn.execute(
-                text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'jobs'")
-            ).all()
+            return list(conn.execute(text(sql)).all())
     finally:
         eng.dispose()
+
+
+def _indexes(url: str) -> dict[str, str]:
+    rows = _rows(url, "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'jobs'")
     return {name: definition for name, definition in rows}
 
 
@@ -59,14 +62,7 @@ def test_0004_swaps_the_queued_index_and_back(scratch_db: str) -> None:
 
 
 def _jobs_options(url: str) -> set[str]:
-    eng = create_engine(db.normalize_url(url), poolclass=NullPool)
-    try:
-        with eng.connect() as conn:
-            options = conn.execute(
-                text("SELECT reloptions FROM pg_class WHERE relname = 'jobs'")
-            ).scalar()
-    finally:
-        eng.dispose()
+    ((options,),) = _rows(url, "SELECT reloptions FROM pg_class WHERE relname = 'jobs'")
     return set(options or [])
 
 
