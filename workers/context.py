@@ -6,8 +6,9 @@ takes a few milliseconds, less than the round trips it would trigger. So the con
 hands its events, its throttled PostgreSQL progress and its cancel-flag polling to one
 courier thread per process, which sends each round's events of every running job in one
 Redis pipeline, writes the latest progress of each job, and polls every running job's
-cancel flag with one MGET. `close()` waits until the job's events are out, so the final
-status event (published by `lease.finish`) always comes after them.
+cancel flag with one MGET. `close()` takes back the job's events not sent yet (once a
+round sending earlier ones is done), and `lease.finish` publishes them just before the
+final status, in the same round trip: the final status always comes after them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ CANCEL_POLL_S = 0.05
 # Events wait this long for company before they go out (one Redis round trip per round,
 # not per token); a job's end sends its events at once.
 COALESCE_S = 0.02
-# close() waits at most this long for a job's events to be sent (Redis may be down).
+# close() waits at most this long for a round sending the job's earlier events (Redis may
+# be down).
 FLUSH_TIMEOUT_S = 5.0
 
 Event = tuple[str, str, dict[str, Any]]  # (job id, type, data)
@@ -49,11 +51,8 @@ class Courier:
         self._events: list[Event] = []
         self._progress: dict[str, tuple[lease.Claim, int, int]] = {}  # latest per job
         self._watched: dict[str, RunContext] = {}
-        self._handed = 0  # items handed in so far
-        self._done = 0  # items handed in before the last finished round
         self._last_poll = 0.0
         self._first_at: float | None = None  # when the oldest unsent item was handed in
-        self._asked = False  # a flush() waits: send without waiting for company
         self._sending: set[str] = set()  # jobs with items in the round being sent now
         self._thread: threading.Thread | None = None
 
@@ -68,7 +67,6 @@ class Courier:
             self._handed_in()
 
     def _handed_in(self) -> None:  # with the lock held
-        self._handed += 1
         if self._first_at is None:  # the first of a round wakes the thread; not each one
             self._first_at = time.monotonic()
             self._wake()
@@ -89,15 +87,6 @@ class Courier:
         with self._cond:
             if self._watched.get(ctx.job_id) is ctx:
                 del self._watched[ctx.job_id]
-
-    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
-        """Wait until everything handed in so far is sent; False if that took too long."""
-        with self._cond:
-            target = self._handed
-            if self._done < target:
-                self._asked = True
-                self._cond.notify_all()
-            return self._cond.wait_for(lambda: self._done >= target, timeout)
 
     def take(self, job_id: str, timeout: float = FLUSH_TIMEOUT_S) -> list[Event] | None:
         """The job's events not sent yet, taken back for its finish to send ahead of its
@@ -127,7 +116,7 @@ class Courier:
                     now = time.monotonic()
                     if self._first_at is not None:  # something to send
                         left = self._first_at + COALESCE_S - now
-                        if self._asked or left <= 0:
+                        if left <= 0:
                             break
                     elif self._watched:  # nothing to send: poll the cancel flags in time
                         left = self._last_poll + CANCEL_POLL_S - now
@@ -138,9 +127,8 @@ class Courier:
                     self._cond.wait(left)
                 batch, self._events = self._events, []
                 progress, self._progress = self._progress, {}
-                self._first_at, self._asked = None, False
+                self._first_at = None
                 watched = list(self._watched.values())
-                handed = self._handed
                 self._sending = {e[0] for e in batch} | set(progress)
             try:
                 events.publish_many(coalesce(batch))  # in order, one round trip; never raises
@@ -152,7 +140,6 @@ class Courier:
                     _poll_cancel(watched)
             finally:
                 with self._cond:
-                    self._done = handed
                     self._sending = set()
                     self._cond.notify_all()
 

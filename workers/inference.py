@@ -69,7 +69,7 @@ def _finish(
 @app.task(name="spool.run_job", ignore_result=True)
 def run_job(hint: str, queue: str) -> str:
     """Run the best queued job of `queue` (`hint`: the job whose submission sent this)."""
-    c = lease.claim(queue, WORKER_NAME, announce=False)
+    c = lease.claim(queue, WORKER_NAME)
     if c is None:
         return "nothing to do"  # a surplus token: every job of the queue is taken
     job_id = c.job_id

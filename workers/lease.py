@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 from spool import db, events, lifecycle, metrics, settings
 from spool.models import queue_order
 from spool.serialize import iso
-from spool.states import Status
 
 
 @dataclass(frozen=True)
@@ -101,11 +100,10 @@ CLAIM_SQL = db.prepared(
 )
 
 
-def claim(queue: str, worker: str, announce: bool = True) -> Claim | None:
-    """Take the best queued job of this queue, or None when there is none.
-
-    `announce`: publish its `running` status now; a worker leaves that to the job's
-    context instead, which sends it with the job's first events or its end.
+def claim(queue: str, worker: str) -> Claim | None:
+    """Take the best queued job of this queue, or None when there is none. Its `running`
+    status is the caller's to publish: a worker's job context sends it with the job's
+    first events or its end (workers/context.py, `announce_running`).
 
     One statement in autocommit takes a job with no webhook. A job with one must record
     its job.started delivery in the claim's transaction: the statement leaves it queued
@@ -124,8 +122,6 @@ def claim(queue: str, worker: str, announce: bool = True) -> Claim | None:
     if row is None or row.id is None:
         return None
     job_id = row.id
-    if announce:
-        events.publish_status(job_id, Status.RUNNING, {"attempt": row.attempts})
     metrics.observe_job_started(row.kind, row.model, float(row.waited_s or 0))
     return Claim(
         job_id,

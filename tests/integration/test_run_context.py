@@ -128,7 +128,8 @@ def test_a_job_shorter_than_a_poll_sends_no_poll(
     polled.clear()
     ctx = _context()
     ctx.token("hi")
-    assert ctx._courier.flush()  # a round of the courier while the job is watched
+    # a round of the courier while the job is watched
+    support.wait_until(lambda: events.history(ctx.job_id), timeout=2, every=0.005, what="a round")
     ctx.close()
     time.sleep(CANCEL_POLL_S * 3)
     assert polled == []
