@@ -14,9 +14,8 @@ from flask_jwt_extended import jwt_required
 from sqlalchemy import Row
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import dbsession, errors, idempotency, pagination, serialize, waiting
+from api import dbsession, errors, idempotency, pagination, ratelimit, serialize, waiting
 from api.auth import claimed, key_checked_in_query, principal, verified
-from api.extensions import limiter
 from api.parsing import Blueprint
 from api.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema
 from spool import dispatch, events, jobs, metrics, users
@@ -27,16 +26,9 @@ log = logging.getLogger(__name__)
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Jobs")
 
 
-def submit_limit() -> str:
-    return current_app.config["SPOOL"].rate_limit_submit
-
-
-def read_limit() -> str:
-    return current_app.config["SPOOL"].rate_limit_read
-
-
-submit_limited = limiter.shared_limit(submit_limit, scope="submit")
-read_limited = limiter.shared_limit(read_limit, scope="read")
+# Per user: submits, cancels and retries share one limit; reads another (api/ratelimit.py).
+submit_limited = ratelimit.limited("submit")
+read_limited = ratelimit.limited("read")
 
 
 def prefer_wait() -> float:

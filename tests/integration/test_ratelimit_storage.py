@@ -4,6 +4,7 @@ trip, with the counters, TTLs, decisions and headers flask-limiter's own loop gi
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,74 +131,66 @@ def test_breach_of_the_second_window(redis: Any, monkeypatch: pytest.MonkeyPatch
     assert lim.commands == ["EVALSHA"] * 5
 
 
-def test_a_remembered_count_serves_one_increment_only(
+def test_storage_alone_counts_one_window_per_call(
     redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """limits' interface (`incr`) still works on this storage: one window, one script;
+    in a request the count and TTL are remembered for the headers, outside one not."""
     from api.extensions import limiter
 
     limit = "3/second;5/minute"
     lim = limited_app(limit, monkeypatch)
-    second, minute = lim.keys(limit)
     storage: Any = limiter.storage
-    items = sorted(parse_many(limit))
-    k1, k2 = (i.key_for("spool-rl", f"user:{lim.user}", "read") for i in items)
-
+    k1, k2 = (i.key_for("spool-rl", f"user:{lim.user}", "other") for i in sorted(parse_many(limit)))
     with lim.app.test_request_context():
         assert storage.incr(k1, 1) == 1
-        assert storage.incr(k2, 60) == 1  # from the group's script
-        assert lim.commands == ["EVALSHA"]
-        assert storage.incr(k2, 60) == 2  # the same key again: a real increment
-        assert lim.commands == ["EVALSHA", "EVALSHA"]
-        assert storage.get(k2) == 2
-    assert redis.get(second) == "1" and redis.get(minute) == "2"
-
-    # Not the group's first window: that window alone.
-    with lim.app.test_request_context():
-        assert storage.incr(k2, 60) == 3
-    assert redis.get(second) == "1"
-
-    # Outside a request: one window, nothing remembered.
-    assert storage.incr(k1, 1) == 2
-    assert redis.get(minute) == "3"
-    assert storage.get(k1) == 2
-
-
-def test_an_unknown_scope_is_one_window_at_a_time(
-    redis: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from api.extensions import limiter
-
-    lim = limited_app("3/second;5/minute", monkeypatch)
-    storage: Any = limiter.storage
-    k1, k2 = (
-        i.key_for("spool-rl", f"user:{lim.user}", "other")
-        for i in sorted(parse_many("3/second;5/minute"))
-    )
-    with lim.app.test_request_context():
-        assert storage.incr(k1, 1) == 1
-        assert redis.get(storage.prefixed_key(k2)) is None
+        assert redis.get(storage.prefixed_key(k2)) is None  # no group outside api/ratelimit
         assert storage.incr(k2, 60) == 1
-    assert lim.commands == ["EVALSHA", "EVALSHA"]
+        assert lim.commands == ["EVALSHA", "EVALSHA"]
+        assert storage.get(k2) == 1 and 58 < storage.get_expiry(k2) - time.time() <= 60
+        assert lim.commands == ["EVALSHA", "EVALSHA"]  # remembered, not read back
+    assert storage.incr(k1, 1) == 2
+    assert storage.get(k1) == 2  # outside a request: read from Redis
+    assert lim.commands == ["EVALSHA", "EVALSHA", "EVALSHA", "GET"]
+
+
+def test_a_repeated_window_counts_once(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    lim = limited_app("2/second;2/second;100/minute", monkeypatch)
+    second, minute = lim.keys("2/second;100/minute")
+    statuses, remaining, _, _ = lim.reads(3)
+    assert statuses == [200, 200, 429] and remaining == ["1", "0", "0"]
+    assert redis.get(second) == "3" and redis.get(minute) == "2"
+
+
+def test_a_limit_that_does_not_parse_stops_the_app(database_url: str) -> None:
+    from api import create_app
+    from spool import settings
+    from spool.settings import ConfigError
+
+    bad = dataclasses.replace(settings.get(), rate_limit_read="lots per second")
+    with pytest.raises(ConfigError, match="SPOOL_RATE_LIMIT_READ='lots per second'"):
+        create_app(bad)
 
 
 def test_only_limited_views_ask_the_limiter(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No before_request pass over every request: Spool has no default or application
-    limits, so /healthz costs the limiter nothing, and a limited view is checked once,
-    by its decorator, and still counted."""
+    """No pass over every request, and no per-request resolution of the view's limits:
+    /healthz costs the limiter nothing, and a limited view is counted by its decorator
+    alone, in one round trip."""
     from flask_limiter import Limiter
 
     calls: list[str | None] = []
-    real = Limiter._check_request_limit
 
     def spy(self: Limiter, callable_name: str | None = None, in_middleware: bool = True) -> None:
         calls.append(callable_name)
-        real(self, callable_name=callable_name, in_middleware=in_middleware)
 
     monkeypatch.setattr(Limiter, "_check_request_limit", spy)
     lim = limited_app("2/second;100/minute", monkeypatch)
-    calls.clear()
     assert lim.client.get("/healthz").status_code == 200
-    assert calls == []
-    statuses, remaining, _, _ = lim.reads(3)
-    assert len(calls) == 3 and all(calls)  # each by the view's decorator
-    assert statuses == [200, 200, 429] and remaining[:2] == ["1", "0"]
+    assert lim.commands == []
+    statuses, remaining, _, last = lim.reads(3)
+    assert statuses == [200, 200, 429] and remaining == ["1", "0", "0"]
+    assert last.json["error"]["code"] == "rate_limited"
+    assert last.json["error"]["message"] == "rate limit exceeded: 2 per 1 second"
+    assert 0 <= int(last.headers["Retry-After"]) <= 1
+    assert lim.commands == ["EVALSHA"] * 3
+    assert calls == []  # flask-limiter's own resolution never ran
