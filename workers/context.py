@@ -294,6 +294,10 @@ class Heartbeat:
         self._cond = threading.Condition()
         self._jobs: dict[str, tuple[RunContext, float]] = {}  # job id → (ctx, last renewed)
         self._thread: threading.Thread | None = None
+        # Waiting for a first job (not for the next beat): only then does a new job need
+        # to wake the thread. A wake-up in the middle of an interval changes nothing, and
+        # short jobs would cause one each time the set of running jobs empties.
+        self._idle = False
 
     def add(self, ctx: RunContext) -> None:
         with self._cond:
@@ -303,7 +307,7 @@ class Heartbeat:
                     target=self._loop, name="spool-heartbeat", daemon=True
                 )
                 self._thread.start()
-            elif len(self._jobs) == 1:
+            elif self._idle:
                 self._cond.notify()  # it sleeps until there is a job to renew
 
     def remove(self, ctx: RunContext) -> None:
@@ -316,7 +320,9 @@ class Heartbeat:
         while True:
             with self._cond:
                 while not self._jobs:
+                    self._idle = True
                     self._cond.wait()
+                self._idle = False
                 # Every job is renewed within one interval of its claim, then every interval.
                 deadline = time.monotonic() + self.interval_s
                 while (left := deadline - time.monotonic()) > 0:

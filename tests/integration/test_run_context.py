@@ -138,3 +138,39 @@ def test_a_job_shorter_than_a_poll_sends_no_poll(
         support.wait_until(lambda: polled, timeout=2, every=0.005, what="a poll")
     finally:
         ctx.close()
+
+
+def test_heartbeat_wakes_for_a_first_job_only(database_url: str) -> None:
+    """The heartbeat thread sleeps a whole interval between beats, however often the set
+    of running jobs empties and fills again (short jobs do, all the time), and wakes at
+    once only for a first job after an idle spell. A job with no row (here: never
+    claimed) is given up at its first beat."""
+    from workers.context import Heartbeat
+
+    hb = Heartbeat(interval_s=0.6)
+    woke: list[float] = []
+    real_wait = hb._cond.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        got = real_wait(timeout)
+        woke.append(time.monotonic())
+        return got
+
+    hb._cond.wait = wait  # type: ignore[method-assign]
+    first, second, third = _context(), _context(), _context()
+    t0 = time.monotonic()
+    hb.add(first)  # starts the thread: next beat one interval on
+    time.sleep(0.1)
+    hb.remove(first)
+    hb.add(second)  # the set was empty a moment: no wake-up for this
+    time.sleep(0.2)
+    assert woke == []
+    assert second.lost.wait(2.0)  # beaten at the interval's end: no row, so given up
+    assert 0.5 <= time.monotonic() - t0 < 1.5
+    assert not first.lost.is_set()
+    time.sleep(0.1)  # idle now: no job to renew
+    n = len(woke)
+    hb.add(third)  # a first job after an idle spell wakes the thread at once
+    time.sleep(0.1)
+    assert len(woke) == n + 1
+    assert third.lost.wait(2.0)
