@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
         MAX_CONTENT_LENGTH=s.max_body_bytes,
         RATELIMIT_STORAGE_URI=ratelimit_storage.storage_uri(s.redis_url),
         RATELIMIT_STORAGE_OPTIONS={"socket_connect_timeout": 2, "socket_timeout": 2},
-        RATELIMIT_HEADERS_ENABLED=True,
+        RATELIMIT_HEADERS_ENABLED=False,  # api/ratelimit.py sets them
         RATELIMIT_SWALLOW_ERRORS=True,  # Redis down must not stop intake (PostgreSQL records it)
         API_TITLE="Spool",
         API_VERSION="v1",

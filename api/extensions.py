@@ -97,10 +97,12 @@ def unverified_header(encoded_token: str) -> dict:
 jwt_views.get_unverified_jwt_headers = unverified_header
 jwt = CachingJWTManager()
 api = SpoolApi()
+RATE_LIMIT_PREFIX = "spool-rl"  # every rate-limit counter's key starts with it
+# The configuration and storage of the rate limits; api/ratelimit.py counts and answers.
 limiter = Limiter(
     rate_limit_key,
-    headers_enabled=True,
+    headers_enabled=False,
     swallow_errors=True,
     strategy="fixed-window",
-    key_prefix="spool-rl",
+    key_prefix=RATE_LIMIT_PREFIX,
 )

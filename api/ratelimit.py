@@ -1,38 +1,38 @@
 """The API's rate limits: per user, one group of windows per scope ("submit", "read").
 
-flask-limiter owns the limits' storage (RATELIMIT_STORAGE_URI, api/ratelimit_storage.py),
-the on/off switch, the X-RateLimit-* and Retry-After headers, and the counters' keys.
-Its view decorators are not used: on every request they resolve the endpoint's route,
-blueprint, default and meta limits and their exemptions, build, sort and count them
-window by window through `limits`' strategy. Measured in a throughput run of echo jobs
-(bench.ab, 2026-12-04), the limiter cost 0.84 ms of the API's CPU per job (POST + GET
-/result) out of 4.05, most of it that resolution, for what in Spool is always the same
-group of windows per scope. Here each scope's windows are parsed once per app, and a
-request costs one storage call (one Redis round trip) and a few dictionary look-ups.
-The counters, decisions and headers are the ones flask-limiter's own loop gives:
-windows shortest first, stopping at the first one over its amount.
+flask-limiter holds the configuration (RATELIMIT_STORAGE_URI and _OPTIONS, the on/off
+switch, RATELIMIT_SWALLOW_ERRORS) and the storage it builds from it
+(api/ratelimit_storage.py on Redis). Its view decorators and its header hook are not
+used: on every request they resolve the endpoint's route, blueprint, default and meta
+limits and their exemptions, count the windows one by one through `limits`' strategy,
+then read a window back for the headers. In a throughput run of echo jobs (bench.ab,
+2026-12-04) that cost 0.84 ms of the API's CPU per job (POST + GET /result) out of 4.05,
+for what in Spool is always the same group of windows per scope. Here each scope's
+windows are parsed once per app, and a request costs one storage call (one Redis round
+trip), a few look-ups and the headers. The keys, counters, decisions and headers are the
+ones flask-limiter gives: windows shortest first, stopping at the first one over its
+amount, whose headers are shown (else the shortest window's).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from flask import Flask, current_app
-from flask_limiter import RequestLimit
+from flask import Flask, Response, current_app, g
 from limits import RateLimitItem, parse_many
 from werkzeug.exceptions import TooManyRequests
 
-from api.extensions import limiter, rate_limit_key
-from api.ratelimit_storage import RememberingRedisStorage
+from api.extensions import RATE_LIMIT_PREFIX, limiter, rate_limit_key
+from api.ratelimit_storage import WindowsRedisStorage
 from spool.settings import ConfigError
 
 log = logging.getLogger(__name__)
 
-PREFIX = "spool-rl"  # every counter's key starts with it (flask-limiter's key_prefix)
 SCOPES = "spool_ratelimit_scopes"  # app.extensions key: scope -> its windows
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,6 +43,15 @@ class Window:
     item: RateLimitItem
     expiry: int  # seconds
     amount: int
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What the response's X-RateLimit-* headers say."""
+
+    amount: int
+    remaining: int
+    reset_at: int  # Unix time, whole seconds (flask-limiter's: the window's end + 1)
 
 
 def configure(app: Flask, limits: dict[str, tuple[str, str]]) -> None:
@@ -56,46 +65,69 @@ def configure(app: Flask, limits: dict[str, tuple[str, str]]) -> None:
             raise ConfigError(f"{setting}={text!r} is not a rate limit: {exc}") from exc
         scopes[scope] = tuple(Window(i, i.get_expiry(), i.amount) for i in items)
     app.extensions[SCOPES] = scopes
+    app.after_request(_add_headers)
 
 
 def hit(scope: str) -> None:
     """Count this request against the caller's `scope` limits: TooManyRequests (429) when
     one is over its amount. Redis down is not the client's fault: the request goes on
-    (RATELIMIT_SWALLOW_ERRORS), PostgreSQL still records every job it accepts."""
+    (RATELIMIT_SWALLOW_ERRORS), and PostgreSQL still records every job it accepts."""
     if not limiter.enabled:
         return
     windows: tuple[Window, ...] = current_app.extensions[SCOPES][scope]
     if not windows:
         return
-    args = [PREFIX, rate_limit_key(), scope]
+    args = [RATE_LIMIT_PREFIX, rate_limit_key(), scope]
     try:
-        over = _first_over(windows, args)
+        over, shown = _count(windows, args)
     except Exception as exc:
         if not current_app.config.get("RATELIMIT_SWALLOW_ERRORS"):
             raise
         log.warning("rate limit not checked, storage unreachable: %s", exc)
         return
-    # The headers show the window that refused the request, else the shortest.
-    shown = over or windows[0]
-    limiter.context.view_rate_limit = RequestLimit(
-        limiter, shown.item, args, over is not None, True
-    )
+    g.spool_ratelimit = shown
     if over is not None:
         log.info("rate limit %s exceeded by %s (%s)", over.item, args[1], scope)
         raise TooManyRequests(description=str(over.item))
 
 
-def _first_over(windows: tuple[Window, ...], args: list[str]) -> Window | None:
-    """Count the request in each window, shortest first; the first one over its amount."""
+def _count(windows: tuple[Window, ...], args: list[str]) -> tuple[Window | None, Shown]:
+    """Count the request in each window, shortest first, up to the first one over its
+    amount: that window (None if none) and the headers' figures."""
     storage = limiter.storage
-    if isinstance(storage, RememberingRedisStorage):
+    if isinstance(storage, WindowsRedisStorage):
         keys = [(w.item.key_for(*args), w.expiry, w.amount) for w in windows]
-        counts = storage.incr_windows(keys)
-        return next((w for w, n in zip(windows, counts, strict=False) if n > w.amount), None)
-    for w in windows:  # another storage (memory://): limits' strategy, a call per window
-        if not limiter.limiter.hit(w.item, *args):
-            return w
-    return None
+        counted = storage.incr_windows(keys)  # [(count, seconds left)], a prefix of them
+        now = time.time()
+        for w, (n, ttl) in zip(windows, counted, strict=False):
+            if n > w.amount:
+                return w, Shown(w.amount, 0, int(now + ttl + 1))
+        n, ttl = counted[0]
+        return None, Shown(windows[0].amount, windows[0].amount - n, int(now + ttl + 1))
+    # Another storage (memory://): limits' strategy, a call per window and per figure.
+    over = next((w for w in windows if not limiter.limiter.hit(w.item, *args)), None)
+    w = over or windows[0]
+    reset, remaining = limiter.limiter.get_window_stats(w.item, *args)
+    return over, Shown(w.amount, remaining, int(reset + 1))
+
+
+def _add_headers(resp: Response) -> Response:
+    shown: Shown | None = g.pop("spool_ratelimit", None)
+    if shown is None:  # not a limited view, or the limiter was off or unreachable
+        return resp
+    h = resp.headers
+    h["X-RateLimit-Limit"] = str(shown.amount)
+    h["X-RateLimit-Remaining"] = str(shown.remaining)
+    h["X-RateLimit-Reset"] = str(shown.reset_at)
+    # As flask-limiter: Retry-After on every limited response, the later of the window's
+    # end and a Retry-After the view set (a 202's poll interval, a full queue's 10 s).
+    now = time.time()
+    reset_at = shown.reset_at
+    existing = h.get("Retry-After")
+    if existing is not None and existing.isdigit():
+        reset_at = max(reset_at, int(now + int(existing)))
+    h["Retry-After"] = str(int(reset_at - now))
+    return resp
 
 
 def limited(scope: str) -> Callable[[F], F]:

@@ -6,17 +6,14 @@ each window's counter is incremented, stopping at the first window over its amou
 (api/ratelimit.py). limits' storage does that in a round trip per window, then reads one
 window's counter and TTL back for the X-RateLimit-* headers: two more round trips that
 only repeat what the increment just saw. `incr_windows` runs one script for the whole
-group and returns every touched window's count and TTL; the request remembers them (on
-`flask.g`), and flask-limiter's headers read them from there. The decisions and counters
-are the ones limits' own storage would give; only the round trips differ.
+group and returns every touched window's count and TTL. The decisions and counters are
+the ones limits' own storage would give; only the round trips differ.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from flask import g, has_request_context
 from limits.storage import RedisStorage
 
 SCHEME = "spool+redis"
@@ -45,7 +42,7 @@ return out
 Window = tuple[str, int, int]
 
 
-class RememberingRedisStorage(RedisStorage):
+class WindowsRedisStorage(RedisStorage):
     STORAGE_SCHEME = [SCHEME, f"{SCHEME}s"]  # spool+redis://, spool+rediss://
 
     def __init__(self, uri: str, **options: Any) -> None:
@@ -55,45 +52,18 @@ class RememberingRedisStorage(RedisStorage):
         super().initialize_storage(uri)
         self.lua_incr_windows = self.get_connection().register_script(INCR_WINDOWS.encode())
 
-    @staticmethod
-    def _seen() -> dict[str, tuple[int, float]] | None:
-        if not has_request_context():
-            return None
-        seen: dict[str, tuple[int, float]] | None = g.get("_ratelimit_seen")
-        if seen is None:
-            seen = g._ratelimit_seen = {}
-        return seen
-
-    def incr_windows(self, windows: list[Window], cost: int = 1) -> list[int]:
-        """One round trip: the counts of the windows incremented, shortest first, up to
-        and including the first one over its amount."""
+    def incr_windows(self, windows: list[Window], cost: int = 1) -> list[tuple[int, int]]:
+        """One round trip: (count, seconds left) of the windows incremented, shortest
+        first, up to and including the first one over its amount."""
         args: list[int] = [cost]
         for _, exp, limit in windows:
             args += [exp, limit]
         out = self.lua_incr_windows([self.prefixed_key(k) for k, _, _ in windows], args)
-        seen, now = self._seen(), time.time()
-        counts = []
-        for (k, _, _), current, ttl in zip(windows, out[::2], out[1::2], strict=False):
-            counts.append(int(current))
-            if seen is not None:
-                seen[k] = (int(current), max(int(ttl), 0) + now)
-        return counts
+        return [(int(n), max(int(ttl), 0)) for n, ttl in zip(out[::2], out[1::2], strict=False)]
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        # limits' interface, one window (the script returns its TTL for the headers).
-        return self.incr_windows([(key, expiry, 0)], amount)[0]
-
-    def get(self, key: str) -> int:
-        seen = self._seen()
-        if seen is not None and key in seen:
-            return seen[key][0]
-        return super().get(key)
-
-    def get_expiry(self, key: str) -> float:
-        seen = self._seen()
-        if seen is not None and key in seen:
-            return seen[key][1]
-        return super().get_expiry(key)
+        # limits' interface: one window.
+        return self.incr_windows([(key, expiry, 0)], amount)[0][0]
 
 
 def storage_uri(redis_url: str) -> str:

@@ -134,24 +134,37 @@ def test_breach_of_the_second_window(redis: Any, monkeypatch: pytest.MonkeyPatch
 def test_storage_alone_counts_one_window_per_call(
     redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """limits' interface (`incr`) still works on this storage: one window, one script;
-    in a request the count and TTL are remembered for the headers, outside one not."""
+    """limits' interface (`incr`) still works on this storage: one window, one script."""
     from api.extensions import limiter
 
     limit = "3/second;5/minute"
     lim = limited_app(limit, monkeypatch)
     storage: Any = limiter.storage
     k1, k2 = (i.key_for("spool-rl", f"user:{lim.user}", "other") for i in sorted(parse_many(limit)))
-    with lim.app.test_request_context():
-        assert storage.incr(k1, 1) == 1
-        assert redis.get(storage.prefixed_key(k2)) is None  # no group outside api/ratelimit
-        assert storage.incr(k2, 60) == 1
-        assert lim.commands == ["EVALSHA", "EVALSHA"]
-        assert storage.get(k2) == 1 and 58 < storage.get_expiry(k2) - time.time() <= 60
-        assert lim.commands == ["EVALSHA", "EVALSHA"]  # remembered, not read back
-    assert storage.incr(k1, 1) == 2
-    assert storage.get(k1) == 2  # outside a request: read from Redis
-    assert lim.commands == ["EVALSHA", "EVALSHA", "EVALSHA", "GET"]
+    assert storage.incr(k1, 1) == 1
+    assert redis.get(storage.prefixed_key(k2)) is None  # a group only from api/ratelimit
+    assert storage.incr(k2, 60) == 1
+    assert storage.incr(k2, 60) == 2
+    assert lim.commands == ["EVALSHA"] * 3
+    assert storage.get(k2) == 2 and 58 < storage.get_expiry(k2) - time.time() <= 60
+
+
+def test_headers_of_a_view_that_sets_retry_after(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 202 from /result carries its poll interval in Retry-After; the limit's headers
+    join it, keeping the later of the two (as flask-limiter's did)."""
+    lim = limited_app("5/second;100/minute", monkeypatch)
+    r = lim.client.post(
+        "/v1/jobs", json={"kind": "echo", "model": "echo", "input": {}}, headers=lim.headers
+    )
+    assert r.status_code == 202, r.text
+    r = lim.client.get(f"/result/{r.json['id']}", headers=lim.headers)
+    assert r.status_code == 202  # no worker here: still queued
+    assert r.headers["X-RateLimit-Limit"] == "5" and r.headers["X-RateLimit-Remaining"] == "4"
+    assert int(r.headers["Retry-After"]) >= 1
+    assert int(r.headers["X-RateLimit-Reset"]) - time.time() <= 2
+    assert lim.client.get("/healthz").headers.get("X-RateLimit-Limit") is None
 
 
 def test_a_repeated_window_counts_once(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
