@@ -207,3 +207,17 @@ def test_only_limited_views_ask_the_limiter(redis: Any, monkeypatch: pytest.Monk
     assert 0 <= int(last.headers["Retry-After"]) <= 1
     assert lim.commands == ["EVALSHA"] * 3
     assert calls == []  # flask-limiter's own resolution never ran
+
+
+def test_flask_limiters_request_hooks_are_gone(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from api.extensions import limiter
+
+    lim = limited_app("5/second;100/minute", monkeypatch)
+    app = lim.app
+    for hooks in (app.before_request_funcs, app.after_request_funcs, app.teardown_request_funcs):
+        for f in hooks.get(None, []):
+            assert getattr(f, "__self__", None) is not limiter
+            assert not (isinstance(f, functools.partial) and limiter in f.args)
+    assert len(app.after_request_funcs[None]) >= 3  # Spool's own are still there
