@@ -221,3 +221,28 @@ def test_flask_limiters_request_hooks_are_gone(redis: Any, monkeypatch: pytest.M
             assert getattr(f, "__self__", None) is not limiter
             assert not (isinstance(f, functools.partial) and limiter in f.args)
     assert len(app.after_request_funcs[None]) >= 3  # Spool's own are still there
+
+
+def test_another_storage_counts_through_limits_strategy(database_url: str) -> None:
+    """A storage other than Spool's Redis one (a `sentinel://` REDIS_URL, or memory://
+    here) is counted window by window through limits' strategy: same decisions and
+    headers."""
+    from api import create_app
+    from api.extensions import limiter
+    from spool import settings
+
+    app = create_app(dataclasses.replace(settings.get(), rate_limit_read="2/second;100/minute"))
+    app.config["RATELIMIT_STORAGE_URI"] = "memory://"
+    limiter.init_app(app)  # as create_app would with that URI
+    try:
+        assert type(limiter.storage).__name__ == "MemoryStorage"
+        client = app.test_client()
+        r = client.post("/v1/auth/token", json={"api_key": support.create_user()})
+        headers = {"Authorization": f"Bearer {r.json['access_token']}"}
+        rs = [client.get("/v1/jobs", headers=headers) for _ in range(3)]
+        assert [r.status_code for r in rs] == [200, 200, 429]
+        assert [r.headers["X-RateLimit-Remaining"] for r in rs] == ["1", "0", "0"]
+        assert {r.headers["X-RateLimit-Limit"] for r in rs} == {"2"}
+        assert 0 <= int(rs[-1].headers["Retry-After"]) <= 1
+    finally:
+        create_app(settings.get())  # the limiter (one per process) back on Redis
