@@ -39,13 +39,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
-class Window:
-    item: RateLimitItem
-    expiry: int  # seconds
-    amount: int
-
-
-@dataclass(frozen=True)
 class Shown:
     """What the response's X-RateLimit-* headers say."""
 
@@ -57,13 +50,13 @@ class Shown:
 def configure(app: Flask, limits: dict[str, tuple[str, str]]) -> None:
     """Parse each scope's limit once: {scope: (setting name, "50/second;2000/minute")}.
     A limit that does not parse stops the app from starting, with the setting named."""
-    scopes: dict[str, tuple[Window, ...]] = {}
+    scopes: dict[str, tuple[RateLimitItem, ...]] = {}
     for scope, (setting, text) in limits.items():
         try:
-            items = sorted(set(parse_many(text)))  # flask-limiter's order; a repeat once
-        except ValueError as exc:
+            # flask-limiter's order, shortest window first; a repeated limit once.
+            scopes[scope] = tuple(sorted(set(parse_many(text))))
+        except ValueError as exc:  # "" included: a scope always has a window
             raise ConfigError(f"{setting}={text!r} is not a rate limit: {exc}") from exc
-        scopes[scope] = tuple(Window(i, i.get_expiry(), i.amount) for i in items)
     app.extensions[SCOPES] = scopes
     app.after_request(_add_headers)
 
@@ -74,9 +67,7 @@ def hit(scope: str) -> None:
     (RATELIMIT_SWALLOW_ERRORS), and PostgreSQL still records every job it accepts."""
     if not limiter.enabled:
         return
-    windows: tuple[Window, ...] = current_app.extensions[SCOPES][scope]
-    if not windows:
-        return
+    windows: tuple[RateLimitItem, ...] = current_app.extensions[SCOPES][scope]
     args = [RATE_LIMIT_PREFIX, rate_limit_key(), scope]
     try:
         over, shown = _count(windows, args)
@@ -87,16 +78,18 @@ def hit(scope: str) -> None:
         return
     g.spool_ratelimit = shown
     if over is not None:
-        log.info("rate limit %s exceeded by %s (%s)", over.item, args[1], scope)
-        raise TooManyRequests(description=str(over.item))
+        log.info("rate limit %s exceeded by %s (%s)", over, args[1], scope)
+        raise TooManyRequests(description=str(over))
 
 
-def _count(windows: tuple[Window, ...], args: list[str]) -> tuple[Window | None, Shown]:
+def _count(
+    windows: tuple[RateLimitItem, ...], args: list[str]
+) -> tuple[RateLimitItem | None, Shown]:
     """Count the request in each window, shortest first, up to the first one over its
     amount: that window (None if none) and the headers' figures."""
     storage = limiter.storage
     if isinstance(storage, WindowsRedisStorage):
-        keys = [(w.item.key_for(*args), w.expiry, w.amount) for w in windows]
+        keys = [(w.key_for(*args), w.get_expiry(), w.amount) for w in windows]
         counted = storage.incr_windows(keys)  # [(count, seconds left)], a prefix of them
         now = time.time()
         for w, (n, ttl) in zip(windows, counted, strict=False):
@@ -105,9 +98,9 @@ def _count(windows: tuple[Window, ...], args: list[str]) -> tuple[Window | None,
         n, ttl = counted[0]
         return None, Shown(windows[0].amount, windows[0].amount - n, int(now + ttl + 1))
     # Another storage (memory://): limits' strategy, a call per window and per figure.
-    over = next((w for w in windows if not limiter.limiter.hit(w.item, *args)), None)
+    over = next((w for w in windows if not limiter.limiter.hit(w, *args)), None)
     w = over or windows[0]
-    reset, remaining = limiter.limiter.get_window_stats(w.item, *args)
+    reset, remaining = limiter.limiter.get_window_stats(w, *args)
     return over, Shown(w.amount, remaining, int(reset + 1))
 
 

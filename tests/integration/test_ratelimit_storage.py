@@ -224,9 +224,9 @@ def test_flask_limiters_request_hooks_are_gone(redis: Any, monkeypatch: pytest.M
 
 
 def test_another_storage_counts_through_limits_strategy(database_url: str) -> None:
-    """A storage other than Spool's Redis one (a `sentinel://` REDIS_URL, or memory://
-    here) is counted window by window through limits' strategy: same decisions and
-    headers."""
+    """A storage other than Spool's Redis one (memory:// here, or any other `limits`
+    storage the RATELIMIT_STORAGE_URI names) is counted window by window through
+    limits' strategy: same decisions and headers."""
     from api import create_app
     from api.extensions import limiter
     from spool import settings
