@@ -9,12 +9,17 @@ import redis
 from spool import settings
 
 
-def make_client(url: str) -> redis.Redis:
+def make_client(
+    url: str,
+    socket_timeout: float = 10,
+    health_check_interval: float = 15,
+    socket_connect_timeout: float = 2,
+) -> redis.Redis:
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=2,
-        socket_timeout=10,
-        health_check_interval=15,
+        socket_connect_timeout=socket_connect_timeout,
+        socket_timeout=socket_timeout,
+        health_check_interval=health_check_interval,
         decode_responses=True,
     )
 
@@ -31,12 +36,7 @@ def blocking_client() -> redis.Redis:
 
 @lru_cache(maxsize=1)
 def _blocking() -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.get().redis_url,
-        socket_connect_timeout=2,
-        socket_timeout=70,
-        decode_responses=True,
-    )
+    return make_client(settings.get().redis_url, socket_timeout=70, health_check_interval=0)
 
 
 @lru_cache(maxsize=1)
@@ -46,12 +46,11 @@ def broker_client() -> redis.Redis:
     soon as it failed kombu's, the job then being sent by the sweeper."""
     from celery_config import broker_transport_options as options
 
-    return redis.Redis.from_url(
+    return make_client(
         settings.get().redis_url,
-        socket_connect_timeout=options["socket_connect_timeout"],
         socket_timeout=options["socket_timeout"],
         health_check_interval=options["health_check_interval"],
-        decode_responses=True,
+        socket_connect_timeout=options["socket_connect_timeout"],
     )
 
 
