@@ -7,8 +7,6 @@ and the sweeper (beat) re-sends what Redis lost. Each non-default value says why
 
 from __future__ import annotations
 
-from typing import Any as _Any
-
 from spool import settings as _settings
 
 _s = _settings.get()
@@ -33,7 +31,7 @@ task_reject_on_worker_lost = False
 # cleared the job's sent-marker on receipt, so the sweeper re-sends the job.
 worker_prefetch_multiplier = 1
 
-broker_transport_options: dict[str, _Any] = {
+broker_transport_options = {
     # Emulated priorities: one Redis list per step, popped in order (0 first).
     "priority_steps": [0, 3, 6],
     "sep": ":",

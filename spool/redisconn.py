@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import redis
 
@@ -44,8 +45,9 @@ def broker_client() -> redis.Redis:
     """For pushing job messages (spool.dispatch): the broker's timeouts (celery_config's
     transport options), so that a Redis that does not answer fails a submit's push as
     soon as it failed kombu's, the job then being sent by the sweeper."""
-    from celery_config import broker_transport_options as options
+    from celery_config import broker_transport_options
 
+    options: dict[str, Any] = broker_transport_options  # a mix of numbers and lists
     return make_client(
         settings.get().redis_url,
         socket_timeout=options["socket_timeout"],
