@@ -11,8 +11,8 @@
 #
 # Prints the summary tables last; writes gpu-bench.json and gpu-bench.log to $OUT (or /tmp).
 # Budget on an H200 (estimated, not yet run there): ~1 min to build the models, ~4 min
-# of windows and direct calls, ~30 s for `spool models check`. SECONDS_PER_MODE shortens
-# the windows.
+# of windows and direct calls, ~1 min for the CUDA tests and `spool models check`; BUDGET_S
+# (540) caps the whole, SECONDS_PER_MODE shortens the windows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp}
@@ -36,9 +36,15 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT_DIR/gpu-bench.log"
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__)' \
     2>&1 | tee -a "$OUT_DIR/gpu-bench.log"
-"$PY" -m bench.bench_inference_platform --workload real --clients 16 \
-    --seconds "${SECONDS_PER_MODE:-16}" --repeats 3 --json "$OUT_DIR/gpu-bench.json" "$@" \
+# Within the device tool's 600 s per call: each stage gets what is left of BUDGET_S.
+BUDGET_S=${BUDGET_S:-540}
+left() { echo $((BUDGET_S - SECONDS > 10 ? BUDGET_S - SECONDS : 10)); }
+timeout "$((BUDGET_S - 150))" "$PY" -m bench.bench_inference_platform --workload real \
+    --clients 16 --seconds "${SECONDS_PER_MODE:-16}" --repeats 3 \
+    --json "$OUT_DIR/gpu-bench.json" "$@" 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
+# The backends' CUDA path on the tiny models: half dtypes, seeds, batched against alone.
+timeout "$(left)" "$PY" -m pytest -p no:cacheprovider -q -s -m gpu tests/unit/test_cuda_backends.py \
     2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
 # Each model loaded alone and one small job on it: load time, parameters, peak GPU memory.
-SPOOL_MODELS_FILE="$SPOOL_VAR_DIR/bench-real-models.yaml" "$PY" -m spool.cli models check \
-    sd15-random llama-1b-random 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
+SPOOL_MODELS_FILE="$SPOOL_VAR_DIR/bench-real-models.yaml" timeout "$(left)" "$PY" -m spool.cli \
+    models check sd15-random llama-1b-random 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
