@@ -208,6 +208,11 @@ def measure(
     # Over the whole run, the clients' warm-up included (the scrapes bracket it).
     busy = (after.busy_s - before.busy_s) / (after.at - before.at)
     cpu = {k: 1000 * v / max(done, 1) for k, v in meter.used.items()}
+    # One line per window: a long run (real models on a GPU) shows where it is.
+    console.print(
+        f"  window {model}: {clients} clients, {done} jobs in {seconds:.0f} s "
+        f"({done / seconds:.2f}/s), {errors} errors, mean batch {mean_batch:.1f}"
+    )
     return Run(model, done / seconds, done, errors, lat.ms(50), mean_batch, busy, cpu)
 
 
@@ -286,7 +291,7 @@ def run_platform(args: argparse.Namespace, models_dir: Path) -> list[Run]:
                             name,
                             kind,
                             args.seconds / 2,
-                            args.clients,
+                            args.unbatched_clients if name.endswith("-b1") else args.clients,
                             w,
                             first=i == 0,
                         )
@@ -402,8 +407,13 @@ def report(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]:
     unit = "tokens/s (llm) or images/s (sd)"
     console.print(
         table(
-            f"Through the platform vs direct: {args.clients} closed-loop clients, "
-            f"{args.seconds:.0f} s window; {w.llm} {w.llm_tokens} tokens/job, {w.sd} "
+            f"Through the platform vs direct: {args.clients} closed-loop clients"
+            + (
+                f" ({args.unbatched_clients} with micro-batching off), "
+                if args.unbatched_clients != args.clients
+                else ", "
+            )
+            + f"{args.seconds:.0f} s window; {w.llm} {w.llm_tokens} tokens/job, {w.sd} "
             f"{w.sd_input['width']}x{w.sd_input['height']} {w.sd_input['steps']} steps/job; "
             f"{args.device}",
             ["model", "path", "batch", "jobs/s", unit, "p50 ms (direct: per call)", "errors"],
@@ -452,6 +462,13 @@ def report(args: argparse.Namespace, runs: list[Run]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
+    ap.add_argument(
+        "--unbatched-clients",
+        type=int,
+        default=None,
+        help="clients of the micro-batching-off runs (default: --clients); a worker runs "
+        "those jobs one at a time, so 2 already keep it busy and more only queue",
+    )
     ap.add_argument("--seconds", type=float, default=8.0, help="measured window per run")
     ap.add_argument("--repeats", type=int, default=3, help="timed direct calls per batch size")
     ap.add_argument("--only", choices=sorted(KINDS), default=None)
@@ -468,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds = min(args.seconds, 2.0)
         args.repeats = 1
     args.workload = w
+    if args.unbatched_clients is None:
+        args.unbatched_clients = args.clients
     names = {"llm": w.llm, "sd": w.sd}
     args.models = [(names[k], kind) for k, kind in KINDS.items() if args.only in (None, k)]
     header(
@@ -487,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     # A smoke run's models are tiny under the workload's names: kept apart from real ones.
     folder = "models-smoke" if args.smoke else "models"
     built = time.monotonic()
-    shapes = w.shapes(args.smoke)
+    run_names = {m for m, _ in args.models}
+    shapes = {m: s for m, s in w.shapes(args.smoke).items() if m in run_names}
     models_dir = var_dir / folder
     tiny_models.init_models(var_dir, list(shapes), shapes=shapes, folder=folder)
     console.print(f"models in {models_dir} ({time.monotonic() - built:.0f} s to build)")
@@ -496,7 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_platform(args, models_dir)
     rows = report(args, runs)  # direct calls run now, with the platform stopped
     if args.json:
-        meta = {"workload": asdict(w), "smoke": args.smoke, "device": args.device}
+        meta = {
+            "workload": asdict(w),
+            "smoke": args.smoke,
+            "device": args.device,
+            "clients": args.clients,
+            "unbatched_clients": args.unbatched_clients,
+            "seconds": args.seconds,
+        }
         args.json.write_text(json.dumps({**meta, "rows": rows}, indent=2, default=str))
     console.print(f"took {time.monotonic() - started:.0f} s")
     return 0
