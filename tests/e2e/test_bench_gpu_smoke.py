@@ -22,7 +22,7 @@ def test_real_workload_smoke_runs_every_path(tmp_path: Path) -> None:
     env = {**os.environ, "SPOOL_VAR_DIR": str(tmp_path / "var"), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "bench.bench_inference_platform", "--workload", "real"]
-        + ["--smoke", "--clients", "4", "--json", str(out)],
+        + ["--smoke", "--clients", "4", "--unbatched-clients", "2", "--json", str(out)],
         cwd=support.ROOT,
         env=env,
         capture_output=True,
@@ -44,3 +44,8 @@ def test_real_workload_smoke_runs_every_path(tmp_path: Path) -> None:
     # The models were built where SPOOL_VAR_DIR says, apart from the real ones.
     assert (tmp_path / "var" / "models-smoke" / "sd15-random" / "model_index.json").is_file()
     assert "Targets (a smoke run" in done.stdout
+    # The micro-batching-off runs take their own client count; every window says so.
+    assert (report["clients"], report["unbatched_clients"]) == (4, 2)
+    for model in ("sd15-random", "llama-1b-random"):
+        assert f"window {model}-b1: 2 clients" in done.stdout
+        assert f"window {model}: 4 clients" in done.stdout
