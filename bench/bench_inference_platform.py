@@ -192,7 +192,7 @@ def measure(
     first: bool = True,
 ) -> Run:
     """Jobs/s of `model` in one window; CPU per job by process."""
-    if first:  # load the model (a `-b1` twin loads on its first job), warm its kernels
+    if first:  # the worker warmed the model at start; this runs the job itself once first
         idle = CpuMeter({})
         asyncio.run(run_clients(plat.url, token, model, kind, 2, 0.5, idle, w, warm_s=0.5))
     before = worker_counters(metrics_url, model)

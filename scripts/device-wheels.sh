@@ -32,7 +32,8 @@ mkdir -p "$DEST"
 # huggingface_hub (1.33 there satisfies diffusers' >=1.32,<3), so they are not fetched either.
 #
 # NAME==VERSION, the closure of setup.cfg's install_requires (with flask-limiter[redis] and
-# celery[redis]) and diffusers, less the above; versions as in ./.venv.
+# celery[redis]), diffusers and py-spy (gpu-bench.sh's PROFILE), less the above; versions as
+# in ./.venv (py-spy as `pip install py-spy` gives it).
 PKGS=(
     alembic==1.20.1
     amqp==5.4.2
@@ -64,6 +65,7 @@ PKGS=(
     pgserver==0.1.4
     platformdirs==4.14.9
     prompt-toolkit==3.0.53
+    py-spy==0.4.3
     psycogreen==1.0.2
     psycopg2-binary==2.9.13
     pyjwt==2.15.1

@@ -17,7 +17,8 @@
 # batching off those run one at a time (~2 s each); 4 clients keep the worker as busy.
 # BUDGET_S
 # (540) caps the whole, SECONDS_PER_MODE shortens the windows, GPU_CHECKS=0 skips all but
-# the benchmark; arguments go to the benchmark (e.g. --only llm --unbatched-clients 4).
+# the benchmark, PROFILE=gil|all profiles it (below); arguments go to the benchmark (e.g.
+# --only llm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp}
@@ -44,7 +45,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 # Within the device tool's 600 s per call: each stage gets what is left of BUDGET_S.
 BUDGET_S=${BUDGET_S:-540}
 left() { echo $((BUDGET_S - SECONDS > 10 ? BUDGET_S - SECONDS : 10)); }
-timeout "$((BUDGET_S - ${GPU_CHECKS:-1} * 150))" "$PY" -m bench.bench_inference_platform --workload real \
+# PROFILE=gil (or all): py-spy samples every process of the run, only the GIL's holder (or
+# every thread); `python -m bench.profile_summary gpu-bench-prof.txt` reads it.
+profiler=()
+if [ -n "${PROFILE:-}" ] && command -v py-spy >/dev/null; then
+    profiler=(py-spy record --nonblocking -s -r 100 -f raw -o "$OUT_DIR/gpu-bench-prof.txt")
+    [ "$PROFILE" = gil ] && profiler+=(--gil)
+    profiler+=(--)
+fi
+timeout "$((BUDGET_S - ${GPU_CHECKS:-1} * 150))" "${profiler[@]}" "$PY" -m bench.bench_inference_platform --workload real \
     --clients 16 --unbatched-clients 4 --seconds "${SECONDS_PER_MODE:-16}" --repeats 3 \
     --json "$OUT_DIR/gpu-bench.json" "$@" 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
 [ "${GPU_CHECKS:-1}" = 1 ] || exit 0  # GPU_CHECKS=0: the benchmark alone

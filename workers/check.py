@@ -72,6 +72,19 @@ def small_input(spec: ModelSpec) -> tuple[dict[str, Any], str]:
     return {"value": "check"}, "an echo"
 
 
+def warm_input(spec: ModelSpec) -> dict[str, Any] | None:
+    """A worker's first call on a model, made at start-up so that the first job does not
+    pay for the device's lazy start (on a GPU: kernels loaded on first use, library handles,
+    kernel choice by shape): an image of the model's default size in 1 step, or a prompt
+    and 2 tokens (the prefill and a decode step). None for a kind with nothing to warm."""
+    if spec.kind == "image.generate":
+        return {"prompt": "a test pattern", "steps": 1, "num_images": 1, "seed": 0}
+    if spec.kind == "text.generate":
+        tokens = min(2, spec.limit("max_tokens", 2))
+        return {"prompt": "Hello", "max_tokens": tokens, "min_tokens": tokens, "seed": 0}
+    return None
+
+
 def _modules(backend: Any) -> list[Any]:
     holder = getattr(backend, "pipe", None) or getattr(backend, "model", None)
     if holder is None:  # echo: no model (and maybe no torch installed)

@@ -29,7 +29,7 @@ from tests import support
 # The batching test submits 8 jobs at once and needs them in one micro-batch. The shipped
 # windows (5-10 ms) suit a GPU box; on a loaded 2-core CI machine 8 claims can take longer.
 BATCH_WAIT_MS = 500
-SERVED = "tiny-sd,tiny-llm,tiny-llm-join,broken-sd,broken-llm"
+SERVED = "tiny-sd,tiny-llm,tiny-llm-join,tiny-sd-b1,broken-sd,broken-llm"
 
 
 class InferencePlatform(support.IsolatedPlatform):
@@ -76,8 +76,10 @@ def _registry(var_dir: Path) -> Path:
         models[name]["batch_wait_ms"] = BATCH_WAIT_MS
     # The same weights gathering for 20 ms: a job that joins a running batch waits that long.
     models["tiny-llm-join"] = {**models["tiny-llm"], "batch_wait_ms": 20}
+    # Micro-batching off (as for texts that must repeat exactly on a GPU): still warmed.
+    models["tiny-sd-b1"] = {**models["tiny-sd"], "max_batch_size": 1}
     missing = str(var_dir / "models" / "no-such-model")
-    # One goes through the micro-batcher, the other (max_batch_size 1) straight to its backend.
+    # Both fail to load: one batched, one with micro-batching off.
     models["broken-sd"] = {**models["tiny-sd"], "source": missing}
     models["broken-llm"] = {**models["tiny-llm"], "source": missing, "max_batch_size": 1}
     path = var_dir / "models.yaml"
@@ -469,3 +471,34 @@ def test_models_list_workers_online_and_queued(plat: InferencePlatform, owner: s
     finally:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda j: owner.post(f"/v1/jobs/{j}/cancel"), waiting))
+
+
+def test_worker_loads_and_warms_every_model_at_start(
+    plat: InferencePlatform, owner: support.Api
+) -> None:
+    """Each model is loaded and makes one small call at start-up (batching off too), so the
+    first job pays for neither; a model that cannot load is named in the log."""
+    log = plat.workers[0].log
+
+    def warmed() -> set[str]:
+        text = log.read_text(errors="replace")
+        return {m for m in SERVED.split(",") if f"model {m} warm in" in text}
+
+    support.wait_until(
+        lambda: warmed() == {"tiny-sd", "tiny-llm", "tiny-llm-join", "tiny-sd-b1"},
+        60,
+        what="every loadable model warm",
+    )
+    text = log.read_text(errors="replace")
+    assert "model tiny-sd-b1 warm in" in text and "first call" in text
+    assert "model broken-sd failed to load" in text and "model broken-llm failed to load" in text
+    assert "warm-up call failed" not in text
+    job = owner.wait(owner.submit(**_image({"steps": 1}, model="tiny-sd-b1"))["id"])
+    assert job["status"] == "succeeded", job
+    # The job ran on the model loaded at start: loaded once, not again on first use.
+    loaded = [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if "model loaded" in line and '"tiny-sd-b1"' in line
+    ]
+    assert len(loaded) == 1, loaded

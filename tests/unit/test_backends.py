@@ -774,3 +774,18 @@ def test_text_batch_out_of_memory_while_sampling_moves_no_generator(
     outs = backend.predict([RecordingContext(dict(j)) for j in jobs])
     assert seen[0] > 5  # it ran out, and went on
     assert outs == expected
+
+
+def test_warm_up_call_runs_on_each_backend(sd_backend: Any, llm_backend: Any) -> None:
+    from spool.registry import ModelSpec
+    from workers.check import QuietContext, warm_input
+
+    image_ctx = QuietContext(warm_input(sd_backend.spec))
+    [image] = sd_backend.predict([image_ctx])
+    assert image["images"][0]["width"] == sd_backend.spec.defaults["width"]  # the usual shape
+    assert list(image_ctx.artifacts) == ["image-0.png"]
+    [text] = llm_backend.predict([QuietContext(warm_input(llm_backend.spec))])
+    assert text["usage"]["completion_tokens"] == 2  # the prefill and one decode step
+    short = replace(llm_backend.spec, limits={"max_tokens": 1})
+    assert warm_input(short)["max_tokens"] == 1
+    assert warm_input(ModelSpec(name="echo", kind="echo")) is None
