@@ -261,10 +261,21 @@ def model_platform(
         reg = registry_file(models_dir, plat.var_dir / "models.yaml", w)
         plat.p.extra_env["SPOOL_MODELS_FILE"] = str(reg)
         plat.p.start_api()
-        plat.p.start_worker(served, queues="spool.cpu")
+        worker = plat.p.start_worker(served, queues="spool.cpu")
         plat.p.start_beat()
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         support.wait_until(lambda: answers(metrics_url), timeout=60, what="worker metrics")
+        # The worker loads and warms its models one after the other in the background: a
+        # window measured meanwhile would share the machine with the loading of the next.
+        models = [m for m in served.split(",") if m != "echo"]
+
+        def warm() -> bool:
+            log = worker.log.read_text(errors="replace")
+            if failed := [m for m in models if f"model {m} failed to load" in log]:
+                raise RuntimeError(f"models {failed} failed to load:\n{worker.tail()}")
+            return all(f"model {m} warm in" in log for m in models)
+
+        support.wait_until(warm, timeout=900, what="every model loaded and warm")
     except BaseException:
         plat.close()
         raise

@@ -1,7 +1,7 @@
 """Where one process's samples went, from a py-spy raw profile of a whole platform.
 
     py-spy record -s -f raw -o prof.txt -- python -m bench.bench_inference_platform ...
-    python -m bench.profile_summary prof.txt [--process "spool.cli worker"] [--under FUNC]
+    python -m bench.profile_summary prof.txt[.gz] [--process "spool.cli worker"] [--under FUNC]
 
 py-spy's raw format is one line per distinct stack, `frame;frame;... count`, and with
 `-s` (subprocesses) each stack starts with `process PID:"command line"`. This prints the
@@ -14,6 +14,7 @@ kombu's loop...), then the heaviest callees of every frame whose name contains -
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -44,7 +45,8 @@ def frames(line: str) -> tuple[str, list[str], int] | None:
 
 
 def read(path: Path, process: str) -> Iterator[tuple[list[str], int]]:
-    with path.open() as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
         for line in f:
             got = frames(line)
             if got is not None and process in got[0] and got[1]:

@@ -46,7 +46,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 BUDGET_S=${BUDGET_S:-540}
 left() { echo $((BUDGET_S - SECONDS > 10 ? BUDGET_S - SECONDS : 10)); }
 # PROFILE=gil (or all): py-spy samples every process of the run, only the GIL's holder (or
-# every thread); `python -m bench.profile_summary gpu-bench-prof.txt` reads it.
+# every thread); `python -m bench.profile_summary gpu-bench-prof.txt.gz` reads it.
 profiler=()
 if [ -n "${PROFILE:-}" ] && command -v py-spy >/dev/null; then
     profiler=(py-spy record --nonblocking -s -r 100 -f raw -o "$OUT_DIR/gpu-bench-prof.txt")
@@ -60,6 +60,8 @@ timeout "$((BUDGET_S - ${GPU_CHECKS:-1} * 150))" "${profiler[@]}" "$PY" -m bench
 # The backends' CUDA path on the tiny models: half dtypes, seeds, batched against alone.
 timeout "$(left)" "$PY" -m pytest -p no:cacheprovider -q -s -m gpu tests/unit/test_cuda_backends.py \
     2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
+# $OUT takes files of up to 16 MiB: a profile of the whole run is several times that raw.
+[ -f "$OUT_DIR/gpu-bench-prof.txt" ] && gzip -f "$OUT_DIR/gpu-bench-prof.txt"
 # Each model loaded alone and one small job on it: load time, parameters, peak GPU memory.
 SPOOL_MODELS_FILE="$SPOOL_VAR_DIR/bench-real-models.yaml" timeout "$(left)" "$PY" -m spool.cli \
     models check sd15-random llama-1b-random 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
