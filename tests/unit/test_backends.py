@@ -789,3 +789,50 @@ def test_warm_up_call_runs_on_each_backend(sd_backend: Any, llm_backend: Any) ->
     short = replace(llm_backend.spec, limits={"max_tokens": 1})
     assert warm_input(short)["max_tokens"] == 1
     assert warm_input(ModelSpec(name="echo", kind="echo")) is None
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        [(1.0, 1.0)] * 5,  # the defaults: every row samples the whole distribution
+        [(0.7, 0.9), (1.3, 0.5), (1.0, 0.8)],  # every row top-p
+        [(0.0, 1.0), (1.0, 1.0), (0.8, 0.6), (0.0, 0.5), (1.2, 1.0)],  # greedy, whole, top-p
+    ],
+    ids=["all-whole", "all-top-p", "mixed"],
+)
+def test_sampler_gives_each_row_what_it_gets_alone(
+    llm_backend: Any, settings: list[tuple[float, float]]
+) -> None:
+    import torch
+
+    from workers.backends.llm import _Row
+
+    def rows(pick: list[int]) -> list[_Row]:
+        return [
+            _Row(
+                index=i,
+                ctx=RecordingContext({}),
+                prompt_ids=[1],
+                max_new=8,
+                min_new=3 if i % 2 else 0,  # some rows may not end yet
+                temperature=settings[i][0],
+                top_p=settings[i][1],
+                stop=[],
+                generator=torch.Generator("cpu").manual_seed(100 + i),
+                ids=[7],
+            )
+            for i in pick
+        ]
+
+    vocab = len(llm_backend.tokenizer)
+    for trial in range(20):
+        logits = torch.randn(len(settings), vocab, generator=torch.Generator().manual_seed(trial))
+        everyone = list(range(len(settings)))
+        batch = rows(everyone)
+        together = [llm_backend._sample(logits.clone(), batch) for _ in range(3)]
+        alone_rows = [rows([i])[0] for i in everyone]
+        alone = [
+            [llm_backend._sample(logits[i : i + 1].clone(), [row])[0] for _ in range(3)]
+            for i, row in zip(everyone, alone_rows, strict=True)
+        ]
+        assert [list(step) for step in zip(*alone, strict=True)] == together

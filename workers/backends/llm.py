@@ -399,29 +399,34 @@ class LLMBackend(Backend):
         """One token per row: greedy at temperature 0, else sampled with the row's generator.
 
         What a row gets depends only on its own logits, settings and generator, never on
-        which rows share its batch.
+        which rows share its batch. A step runs this once: where every row samples (the
+        defaults) and alike (all top-p or none), it takes no row subsets, each of which is
+        a small tensor built from a list and an indexing (a launch each on a GPU).
         """
         device = logits.device
         early = [i for i, row in enumerate(rows) if len(row.ids) < row.min_new]
         if early:  # min_tokens not reached yet: end-of-sequence is not an option
             rows_index = torch.tensor(early, device=device)[:, None]
             logits[rows_index, self._eos_index[None, :]] = float("-inf")
-        choice = logits.argmax(dim=-1)
         sampled = [i for i, row in enumerate(rows) if row.temperature > 0]
         if not sampled:
-            return [int(x) for x in choice.tolist()]
+            return [int(x) for x in logits.argmax(dim=-1).tolist()]
+        every = len(sampled) == len(rows)
+        chosen = logits if every else logits[torch.tensor(sampled, device=device)]
         temps = torch.tensor([rows[i].temperature for i in sampled], device=device)
-        probs = torch.softmax(logits[torch.tensor(sampled, device=device)] / temps[:, None], dim=-1)
+        probs = torch.softmax(chosen / temps[:, None], dim=-1)
         whole = [j for j, i in enumerate(sampled) if rows[i].top_p >= 1.0]
         nucleus = [j for j, i in enumerate(sampled) if rows[i].top_p < 1.0]
-        cdfs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        # (rows of `probs` or None for all of them, their cdf, their sorted token ids)
+        cdfs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
         if whole:  # no truncation: sample the distribution as it is, no sort needed
-            sel = torch.tensor(whole, device=device)
-            cdfs.append((sel, probs[sel].cumsum(dim=-1), None))
+            sel = None if not nucleus else torch.tensor(whole, device=device)
+            cdfs.append((sel, (probs if sel is None else probs[sel]).cumsum(dim=-1), None))
         if nucleus:
-            sel = torch.tensor(nucleus, device=device)
+            sel = None if not whole else torch.tensor(nucleus, device=device)
             top_p = torch.tensor([rows[sampled[j]].top_p for j in nucleus], device=device)
-            head, order = probs[sel].sort(dim=-1, descending=True, stable=True)
+            part = probs if sel is None else probs[sel]
+            head, order = part.sort(dim=-1, descending=True, stable=True)
             # Keep the smallest head whose mass reaches top_p (the first token always stays).
             head = head.masked_fill(head.cumsum(-1) - head > top_p[:, None], 0.0)
             cdfs.append((sel, head.cumsum(dim=-1), order))
@@ -430,12 +435,21 @@ class LLMBackend(Backend):
         draws = torch.stack(
             [torch.rand((), generator=rows[i].generator, device=device) for i in sampled]
         )
-        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
-        for part, cdf, sorted_ids in cdfs:
-            index = _inverse_cdf(cdf, draws[part])
+        picks = None
+        for sel, cdf, sorted_ids in cdfs:
+            index = _inverse_cdf(cdf, draws if sel is None else draws[sel])
             if sorted_ids is not None:  # an index into the sorted head: back to token ids
                 index = sorted_ids.gather(-1, index[:, None]).squeeze(-1)
-            picks[part] = index
+            if sel is None:  # one group: all the sampled rows, in order
+                picks = index
+            else:
+                if picks is None:
+                    picks = torch.empty(len(sampled), dtype=torch.long, device=device)
+                picks[sel] = index
+        assert picks is not None
+        if every:
+            return [int(x) for x in picks.tolist()]
+        choice = logits.argmax(dim=-1)
         choice[torch.tensor(sampled, device=device)] = picks
         return [int(x) for x in choice.tolist()]
 
