@@ -240,7 +240,9 @@ class LLMBackend(Backend):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise hf.InvalidInput("stop must be a string or a list of non-empty strings")
-        generator = torch.Generator(self.device).manual_seed(hf.seed_input(data))
+        # A CPU generator on any device: a seed draws the same numbers on a CPU and a GPU,
+        # and a GPU step does not launch a kernel per row to draw them.
+        generator = torch.Generator("cpu").manual_seed(hf.seed_input(data))
         return _Row(
             index=index,
             ctx=ctx,
@@ -432,9 +434,8 @@ class LLMBackend(Backend):
             cdfs.append((sel, head.cumsum(dim=-1), order))
         # The draws come after the big allocations: if one runs out of device memory, no
         # generator has moved, and the rows going on in halves draw what they would alone.
-        draws = torch.stack(
-            [torch.rand((), generator=rows[i].generator, device=device) for i in sampled]
-        )
+        draws = torch.stack([torch.rand((), generator=rows[i].generator) for i in sampled])
+        draws = draws.to(device)
         picks = None
         for sel, cdf, sorted_ids in cdfs:
             index = _inverse_cdf(cdf, draws if sel is None else draws[sel])
