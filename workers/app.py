@@ -71,6 +71,7 @@ def _warm_up() -> None:
     a first 64 px 1-step image took 1.71 s with Stable Diffusion 1.5, a first token 0.39 s
     with a 1.1B model)."""
     from spool import registry
+    from workers import device
     from workers.backends import backend_class
     from workers.batching import batcher_for
     from workers.check import QuietContext, warm_input
@@ -84,6 +85,8 @@ def _warm_up() -> None:
             t0 = time.monotonic()
             batcher.setup()
         except Exception as exc:
+            if device.lost(exc):
+                device.exit_for(exc, WORKER_NAME)
             log.error("model %s failed to load: %s", name, exc)
             continue
         t1 = time.monotonic()
@@ -93,6 +96,8 @@ def _warm_up() -> None:
                 [result] = batcher.backend.predict([QuietContext(job_input, "job_warm_up")])
             except Exception as exc:
                 result = exc
+            if isinstance(result, BaseException) and device.lost(result):
+                device.exit_for(result, WORKER_NAME)
             if isinstance(result, BaseException):  # the model is loaded: jobs will tell
                 log.warning("model %s: its warm-up call failed: %s", name, result)
         log.info(

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DataError
 
 from spool import events, registry
 from spool.states import Status
-from workers import lease
+from workers import device, lease
 from workers.app import WORKER_NAME, app, base_url
 from workers.backends import backend_class
 from workers.backends.base import Backend, JobCanceled, JobTimedOut, ModelLoadError
@@ -82,7 +82,12 @@ def run_job(hint: str, queue: str) -> str:
         spec = registry.get(c.model)
         if spec is None:
             raise ModelLoadError(f"model {c.model!r} is not in this worker's registry")
-        output = _run(spec, ctx)
+        try:
+            output = _run(spec, ctx)
+        except Exception as exc:
+            if device.lost(exc):  # every later job here would fail too: leave
+                device.exit_for(exc, WORKER_NAME)
+            raise
         status, out, err = Status.SUCCEEDED, output, None
     except JobCanceled as exc:
         status, out, err = Status.CANCELED, None, _error("canceled", str(exc))

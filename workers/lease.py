@@ -162,6 +162,18 @@ def renew(claims: Sequence[Claim]) -> dict[str, str]:
     return {r.id: r.status for r in _write(RENEW_SQL, params, atomic=False)}
 
 
+GIVE_BACK_SQL = text(
+    "UPDATE jobs SET lease_expires_at = now() WHERE worker = :worker AND status = 'running' "
+    "RETURNING id"
+)
+
+
+def give_back(worker: str) -> int:
+    """End the leases of every job `worker` runs now, as if they had run out: the sweeper
+    queues them again at its next round (attempts permitting). Returns how many."""
+    return len(_write(GIVE_BACK_SQL, {"worker": worker}, atomic=False))
+
+
 PROGRESS_SQL = db.prepared(
     text(
         "UPDATE jobs SET progress = CAST(:p AS jsonb) WHERE id = :id AND lease_token = :tok "
