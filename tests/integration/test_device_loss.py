@@ -49,9 +49,7 @@ def test_worker_with_a_failed_gpu_gives_its_jobs_back_and_exits(
     try:
         p.start_api()
         p.start_beat()
-        faulty = p.start_worker(
-            model, PYTHONPATH=os.pathsep.join([str(inject), str(support.ROOT)])
-        )
+        faulty = p.start_worker(model, PYTHONPATH=os.pathsep.join([str(inject), str(support.ROOT)]))
         api = support.Api(p.url, p.user())
         doomed = api.submit({"value": FAULT}, model=model)["id"]
         support.wait_until(lambda: not faulty.alive(), 60, what="the faulty worker's exit")
