@@ -80,6 +80,7 @@ def test_models_check_loads_each_model_runs_a_job_and_names_what_failed(tmp_path
     assert lines["echo"].endswith("ok")
     sd = lines["tiny-sd"]
     assert "cpu float32" in sd and "1 image of 64x64, 1 step in" in sd and sd.endswith("ok")
+    assert " s (again: " in sd  # the same job once warm
     assert "M params" in sd and "1 token in" in lines["tiny-llm"]
     assert (
         f"FAILED to load: model broken failed to load from {tmp_path}/nothing-here"
@@ -91,6 +92,7 @@ def test_models_check_loads_each_model_runs_a_job_and_names_what_failed(tmp_path
     report = json.loads(run(env, "models", "check", "--json", "echo", "broken", check=False).stdout)
     assert [(r["name"], r["ok"]) for r in report] == [("echo", True), ("broken", False)]
     assert report[0]["job_s"] is not None and "nothing-here" in report[1]["error"]
+    assert report[0]["again_s"] is not None and report[1]["again_s"] is None
     bad = run(env, "models", "check", "gpt-5", check=False)
     assert bad.returncode == 2 and "not in the registry: gpt-5" in bad.stderr
 
