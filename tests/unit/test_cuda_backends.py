@@ -2,7 +2,7 @@
 
 Marked `gpu` and skipped where torch sees no CUDA device (CI, the 2-core machines). Run on a
 lent GPU with `python -m pytest -m gpu tests/unit/test_cuda_backends.py` (scripts/gpu-bench.sh
-runs them before the benchmark). The same tiny models as the CPU tests, loaded from disk with
+runs them after the benchmark). The same tiny models as the CPU tests, loaded from disk with
 `from_pretrained`; only the device and dtype differ.
 """
 
