@@ -30,7 +30,8 @@ _exiting = threading.Lock()
 
 def lost(exc: BaseException | None) -> bool:
     """Whether `exc` (or what caused it) is a device error that leaves the process's CUDA
-    context unusable. Out of memory is not one: the backends recover from it."""
+    context unusable. Out of memory is not one, even as a CUDA error (a library's own
+    allocation failing): the backends recover from it."""
     torch = sys.modules.get("torch")
     accelerator = getattr(torch, "AcceleratorError", None) if torch is not None else None
     out_of_memory = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
@@ -38,6 +39,8 @@ def lost(exc: BaseException | None) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if out_of_memory is not None and isinstance(exc, out_of_memory):
+            return False
+        if "out of memory" in str(exc):  # cudaErrorMemoryAllocation: not sticky
             return False
         if accelerator is not None and isinstance(exc, accelerator):
             return True

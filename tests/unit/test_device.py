@@ -14,6 +14,8 @@ def test_cuda_errors_are_device_loss_and_out_of_memory_is_not() -> None:
     # torch before 2.8 raised them as RuntimeErrors with CUDA's message.
     assert device.lost(RuntimeError("CUDA error: device-side assert triggered"))
     assert not device.lost(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 MiB"))
+    # A library's own allocation failing (e.g. cuBLAS's workspace) leaves the context usable.
+    assert not device.lost(torch.AcceleratorError("CUDA error: out of memory"))
     assert not device.lost(RuntimeError("shape mismatch"))
     assert not device.lost(ValueError("CUDA error: only in words"))
     assert not device.lost(None)
