@@ -15,10 +15,9 @@
 # A first run with 16 clients on the micro-batching-off runs as well did not finish both
 # models in 6.5 min: a window's end waits for every client's job in flight, and with
 # batching off those run one at a time (~2 s each); 4 clients keep the worker as busy.
-# BUDGET_S
-# (540) caps the whole, SECONDS_PER_MODE shortens the windows, GPU_CHECKS=0 skips all but
-# the benchmark, PROFILE=gil|all profiles it (below); arguments go to the benchmark (e.g.
-# --only llm).
+# BUDGET_S (540) caps the whole, SECONDS_PER_MODE shortens the windows, GPU_CHECKS=0 skips
+# all but the benchmark, PROFILE=gil|all profiles it (below); arguments go to the
+# benchmark (e.g. --only llm).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-/tmp}
@@ -56,12 +55,12 @@ fi
 timeout "$((BUDGET_S - ${GPU_CHECKS:-1} * 150))" "${profiler[@]}" "$PY" -m bench.bench_inference_platform --workload real \
     --clients 16 --unbatched-clients 4 --seconds "${SECONDS_PER_MODE:-16}" --repeats 3 \
     --json "$OUT_DIR/gpu-bench.json" "$@" 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
+# $OUT takes files of up to 16 MiB: a profile of the whole run is several times that raw.
+[ -f "$OUT_DIR/gpu-bench-prof.txt" ] && gzip -f "$OUT_DIR/gpu-bench-prof.txt"
 [ "${GPU_CHECKS:-1}" = 1 ] || exit 0  # GPU_CHECKS=0: the benchmark alone
 # The backends' CUDA path on the tiny models: half dtypes, seeds, batched against alone.
 timeout "$(left)" "$PY" -m pytest -p no:cacheprovider -q -s -m gpu tests/unit/test_cuda_backends.py \
     2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
-# $OUT takes files of up to 16 MiB: a profile of the whole run is several times that raw.
-[ -f "$OUT_DIR/gpu-bench-prof.txt" ] && gzip -f "$OUT_DIR/gpu-bench-prof.txt"
 # Each model loaded alone and one small job on it: load time, parameters, peak GPU memory.
 SPOOL_MODELS_FILE="$SPOOL_VAR_DIR/bench-real-models.yaml" timeout "$(left)" "$PY" -m spool.cli \
     models check sd15-random llama-1b-random 2>&1 | grep -v '^{"event' | tee -a "$OUT_DIR/gpu-bench.log"
