@@ -85,8 +85,7 @@ def _warm_up() -> None:
             t0 = time.monotonic()
             batcher.setup()
         except Exception as exc:
-            if device.lost(exc):
-                device.exit_for(exc, WORKER_NAME)
+            device.exit_if_lost(exc, WORKER_NAME)
             log.error("model %s failed to load: %s", name, exc)
             continue
         t1 = time.monotonic()
@@ -96,16 +95,16 @@ def _warm_up() -> None:
                 [result] = batcher.backend.predict([QuietContext(job_input, "job_warm_up")])
             except Exception as exc:
                 result = exc
-            if isinstance(result, BaseException) and device.lost(result):
-                device.exit_for(result, WORKER_NAME)
             if isinstance(result, BaseException):  # the model is loaded: jobs will tell
+                device.exit_if_lost(result, WORKER_NAME)
                 log.warning("model %s: its warm-up call failed: %s", name, result)
+        t2 = time.monotonic()
         log.info(
             "model %s warm in %.2f s (load %.2f s, first call %.2f s)",
             name,
-            time.monotonic() - t0,
+            t2 - t0,
             t1 - t0,
-            time.monotonic() - t1,
+            t2 - t1,
         )
 
 

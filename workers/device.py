@@ -51,6 +51,12 @@ def lost(exc: BaseException | None) -> bool:
     return False
 
 
+def exit_if_lost(exc: BaseException, worker: str) -> None:
+    """`exit_for` when `exc` says the GPU is lost; else return, for the caller to handle it."""
+    if lost(exc):
+        exit_for(exc, worker)
+
+
 def exit_for(exc: BaseException, worker: str) -> NoReturn:
     """Give back this worker's running jobs and end the process now (no warm shutdown:
     its jobs cannot finish on this GPU). Called from any thread; the first one exits."""

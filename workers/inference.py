@@ -85,8 +85,7 @@ def run_job(hint: str, queue: str) -> str:
         try:
             output = _run(spec, ctx)
         except Exception as exc:
-            if device.lost(exc):  # every later job here would fail too: leave
-                device.exit_for(exc, WORKER_NAME)
+            device.exit_if_lost(exc, WORKER_NAME)  # every later job here would fail too
             raise
         status, out, err = Status.SUCCEEDED, output, None
     except JobCanceled as exc:
