@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 import structlog
 from flask import Flask, g, request
 from sqlalchemy import func, select, text
 
-from spool import db, metrics, redisconn, registry, workers_online
+from spool import db, logs, metrics, redisconn, registry, workers_online
 from spool.models import Job
 
-log = logging.getLogger("spool.api.access")
+log = logs.hot("spool.api.access")
 _live_registered = False
 
 
@@ -79,7 +78,7 @@ def install(app: Flask) -> None:
             # Written once the response is sent (the server closes it then), not before:
             # the client need not wait for the formatted line (~0.1 ms). The next request
             # on the connection is read only after it.
-            resp.call_on_close(lambda: log.info("request", extra=line))
+            resp.call_on_close(lambda: log.info("request", **line))
         return resp
 
     @app.teardown_request

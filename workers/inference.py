@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.exc import DataError
 
-from spool import events, registry
+from spool import events, logs, registry
 from spool.states import Status
 from workers import device, lease
 from workers.app import WORKER_NAME, app, base_url
@@ -17,6 +17,7 @@ from workers.backends.base import Backend, JobCanceled, JobTimedOut, ModelLoadEr
 from workers.context import Event, RunContext, heartbeat
 
 log = logging.getLogger("spool.worker")
+hot_log = logs.hot("spool.worker")  # the lines of every job
 
 
 def _error(code: str, message: str) -> dict[str, str]:
@@ -73,7 +74,7 @@ def run_job(hint: str, queue: str) -> str:
     if c is None:
         return "nothing to do"  # a surplus token: every job of the queue is taken
     job_id = c.job_id
-    log.info("job started", extra={"job_id": job_id, "attempt": c.attempts})
+    hot_log.info("job started", job_id=job_id, attempt=c.attempts)
     ctx = RunContext(c, base_url())
     ctx.announce_running()
     beat = heartbeat()
@@ -110,5 +111,5 @@ def run_job(hint: str, queue: str) -> str:
             "job was taken back before it finished; outcome dropped", extra={"job_id": job_id}
         )
         return "lost"
-    log.info("job finished", extra={"job_id": job_id, "status": status})
+    hot_log.info("job finished", job_id=job_id, status=str(status))
     return str(status)
