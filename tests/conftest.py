@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2.extensions
 import pytest
 from sqlalchemy import event
 
@@ -77,6 +78,22 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("SPOOL_VAR_DIR", str(Path(__file__).parent.parent / "var" / "test"))
 
 
+class _RecordingCursor(psycopg2.extensions.cursor):
+    """A psycopg2 cursor that notes what it sends while a test records (`statements`):
+    SQLAlchemy's executions and spool.db.rows' alike, as the driver sends them."""
+
+    sink: list[str] | None = None
+
+    def execute(self, query: Any, vars: Any = None) -> Any:  # psycopg2's name
+        sink = _RecordingCursor.sink
+        text = " ".join(str(query).split())
+        # A connection prepares each statement once (PREPARE), and the pool tests a
+        # connection idle for a while (SELECT 1): neither is the work under test.
+        if sink is not None and not text.startswith("PREPARE ") and text != "SELECT 1":
+            sink.append(("auto:" if self.connection.autocommit else "") + text[:60])
+        return super().execute(query, vars)
+
+
 @pytest.fixture()
 def statements(database_url: str) -> Iterator[list[str]]:
     """Every statement this process sends to PostgreSQL, on either engine; those in
@@ -84,17 +101,18 @@ def statements(database_url: str) -> Iterator[list[str]]:
     hot ones are prepared statements (spool.db.prepared): `EXECUTE spool_<name>_…`."""
     sent: list[str] = []
 
-    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        auto = conn.connection.dbapi_connection.autocommit  # psycopg2: no BEGIN sent
-        sent.append(("auto:" if auto else "") + " ".join(statement.split())[:60])
+    def recording(dbapi_conn: Any, *_: Any) -> None:
+        dbapi_conn.cursor_factory = _RecordingCursor
 
     from spool import db
 
     engines = (db.engine(), db.autocommit_engine())
     for eng in engines:
-        event.listen(eng, "before_cursor_execute", record)
+        event.listen(eng, "checkout", recording)
+    _RecordingCursor.sink = sent
     try:
         yield sent
     finally:
+        _RecordingCursor.sink = None
         for eng in engines:
-            event.remove(eng, "before_cursor_execute", record)
+            event.remove(eng, "checkout", recording)
