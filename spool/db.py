@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Executable, TextClause, create_engine, event, exc, text
+from sqlalchemy import Connection, Engine, Executable, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 from spool import settings
 
@@ -137,13 +139,20 @@ def _use_prepared(
 
 # --- the hottest statements, straight on the driver's cursor ------------------------------
 #
-# A worker runs two statements per job (its claim and its finish). Through SQLAlchemy's
-# execution machinery (execution context, events, result and row objects) each cost
-# ~115 µs more of the worker's CPU than the same statement on the pooled connection's
-# psycopg2 cursor (bench numbers in BENCHMARKS.md). `rows()` runs a prepared `text()`
+# Every job runs four statements: the API's submit and read, the worker's claim and
+# finish. Through SQLAlchemy's execution machinery (execution context, events, result and
+# row objects) each cost ~115 µs more CPU than the same statement on the pooled
+# connection's psycopg2 cursor (bench numbers in BENCHMARKS.md). `rows()` runs a
 # statement on that cursor and keeps what SQLAlchemy gave: the pool (checkout test,
 # invalidation), the prepared statement, and errors as SQLAlchemy's exceptions, so a lost
-# connection is invalidated and callers catch what they caught before.
+# connection is invalidated and callers catch what they caught before. What it leaves
+# out is SQLAlchemy's bind and result processing: bound values go in as the driver takes
+# them (JSON already dumped), and psycopg2's own conversions are what come out, which for
+# Spool's column types (text, numbers, timestamps, booleans, jsonb) are the same values;
+# tests/integration/test_db_rows.py holds the two ways equal on the hot statements.
+
+# A row read by column name: SQLAlchemy's Row, or the named tuple of `rows()`.
+RowLike = Any
 
 
 @lru_cache(maxsize=64)
@@ -152,15 +161,30 @@ def _row_type(columns: tuple[str, ...]) -> Any:
 
 
 @lru_cache(maxsize=64)
-def _sql_of(stmt: TextClause, dialect: Any) -> str:
-    return str(stmt.compile(dialect=dialect))
+def _sql_of(stmt: ClauseElement, dialect: Any) -> tuple[str, dict[str, Any]]:
+    """The statement's SQL, and the values it binds itself (a literal compared to a
+    column, e.g. `status = 'queued'`), which SQLAlchemy's execution would add."""
+    compiled = cast(SQLCompiler, stmt.compile(dialect=dialect))
+    if compiled.insert_prefetch or compiled.update_prefetch:
+        # Python-side column defaults, which SQLAlchemy computes at each execution
+        raise ValueError(f"give every column with a Python default a value: {stmt}")
+    own = {name: bp.effective_value for name, bp in compiled.binds.items() if not bp.required}
+    return str(compiled), own
 
 
-def rows(conn: Connection, stmt: TextClause, params: dict[str, Any]) -> list[Any]:
-    """The rows of a `text()` statement (bound values as the driver takes them), as named
-    tuples, run on `conn`'s driver cursor; prepared when it is marked `prepared()`."""
+def first(conn: Connection, stmt: Executable, params: dict[str, Any]) -> RowLike | None:
+    """The first of `rows()`, or None."""
+    found = rows(conn, stmt, params)
+    return found[0] if found else None
+
+
+def rows(conn: Connection, stmt: Executable, params: dict[str, Any]) -> list[RowLike]:
+    """The rows of a statement (bound values as the driver takes them), as named tuples,
+    run on `conn`'s driver cursor; prepared when it is marked `prepared()`."""
     name = stmt.get_execution_options().get(PREPARE_OPTION)
-    sql = _sql_of(stmt, conn.dialect)
+    sql, own = _sql_of(cast(ClauseElement, stmt), conn.dialect)  # every Executable of ours is one
+    if own:
+        params = {**own, **params}
     fairy = conn.connection
     raw = fairy.dbapi_connection
     assert raw is not None  # checked out: a live connection

@@ -7,6 +7,7 @@ change is one conditional UPDATE, so concurrent actors never overwrite each othe
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any, cast
 
 import redis
 from sqlalchemy import (
+    JSON,
     Connection,
     Row,
     Table,
@@ -93,6 +95,7 @@ def new_row(
         "webhook_events": req.get("webhook_events")
         or (["completed"] if req.get("webhook") else None),
         "max_attempts": s.max_attempts,
+        "attempts": 0,
         "timeout_s": req.get("timeout_s") or s.default_timeout_s,
         "ttl_s": ttl_s,
         "expires_at": at + timedelta(seconds=ttl_s) if ttl_s else None,
@@ -160,6 +163,9 @@ def insert_one(session: Session, row: dict[str, Any]) -> Row:
     return session.connection().execute(_INSERT_ONE, row).one()
 
 
+_JSON_COLUMNS = frozenset(c.name for c in JOBS.c if isinstance(c.type, JSON))
+
+
 @lru_cache(maxsize=4)
 def _insert_checked(columns: tuple[str, ...]) -> Any:
     # INSERT … SELECT, so that a WHERE can refuse the row. Each value is cast to its
@@ -176,13 +182,15 @@ def _insert_checked(columns: tuple[str, ...]) -> Any:
 
 def insert_checked(
     conn: Connection, row: dict[str, Any], key_id: str, max_queued: int
-) -> Row | None:
+) -> db.RowLike | None:
     """`insert_one` in the same round trip as two checks: the token's key `key_id` is
     still valid for the row's user, and the user has fewer than `max_queued` queued jobs.
     None when either fails (the caller tells which, off the hot path)."""
     stmt = _insert_checked(tuple(row))
-    params = {**row, "key_id": key_id, "max_queued": max_queued}
-    return conn.execute(stmt, params).first()
+    # On the driver's cursor (db.rows): JSON goes in dumped, as SQLAlchemy's JSONB type
+    # would bind it (None as JSON null, as it does).
+    params = {k: json.dumps(v) if k in _JSON_COLUMNS else v for k, v in row.items()}
+    return db.first(conn, stmt, {**params, "key_id": key_id, "max_queued": max_queued})
 
 
 @dataclass(frozen=True)
@@ -222,33 +230,33 @@ _VIEW = _reads([*VIEW_COLUMNS, QUEUE_POSITION], "job")
 _RESULT = _reads([JOBS.c.id, JOBS.c.status, JOBS.c.output, JOBS.c.error, JOBS.c.progress], "result")
 
 
-def view_row(conn: Connection, job_id: str, result_only: bool = False) -> Row | None:
+def view_row(conn: Connection, job_id: str, result_only: bool = False) -> db.RowLike | None:
     """The job as `view_select` shows it, whoever owns it; `result_only`: its id, status,
     output, error and progress.
 
-    Core statements run on the session's connection (no ORM machinery), here and in
-    the other per-request queries."""
+    Core statements run on the request's connection's driver cursor (db.rows), here and
+    in the other per-request queries."""
     reads = _RESULT if result_only else _VIEW
-    return conn.execute(reads.by_id, {"job_id": job_id}).first()
+    return db.first(conn, reads.by_id, {"job_id": job_id})
 
 
 def visible_row(
     conn: Connection, job_id: str, user_id: str, is_admin: bool = False, result_only: bool = False
-) -> Row | None:
+) -> db.RowLike | None:
     """`visible`, as a plain row that carries its `queue_position` (`view_row`)."""
     if is_admin:
         return view_row(conn, job_id, result_only)
     params = {"job_id": job_id, "user_id": user_id}
-    return conn.execute((_RESULT if result_only else _VIEW).of_user, params).first()
+    return db.first(conn, (_RESULT if result_only else _VIEW).of_user, params)
 
 
 def visible_row_for_key(
     conn: Connection, job_id: str, key_id: str, result_only: bool = False
-) -> tuple[users.Principal | None, Row | None]:
+) -> tuple[users.Principal | None, db.RowLike | None]:
     """The principal of the token's key `key_id` (None: revoked key or deleted user) and
     `visible_row` for that principal, in one round trip."""
     reads = _RESULT if result_only else _VIEW
-    row = conn.execute(reads.for_key, {"job_id": job_id, "key_id": key_id}).first()
+    row = db.first(conn, reads.for_key, {"job_id": job_id, "key_id": key_id})
     if row is None:
         return None, None
     p = users.Principal(row.p_user_id, row.p_name, row.p_is_admin, key_id)

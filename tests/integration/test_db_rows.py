@@ -3,10 +3,13 @@ SQLAlchemy's execution gave, and fails the way it failed (on the real PostgreSQL
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import exc, text
 
-from spool import db
+from spool import db, jobs
+from tests import support
 
 PROBE = db.prepared(
     text(
@@ -14,6 +17,9 @@ PROBE = db.prepared(
         "EXTRACT(EPOCH FROM interval '1.5 seconds') AS secs, CAST(:flag AS boolean) AS flag"
     ),
     "rows_probe",
+)
+JSON_KINDS = text(
+    "SELECT jsonb_typeof(metadata), jsonb_typeof(webhook_events) FROM jobs WHERE id = :i"
 )
 PARAMS = {"n": 41, "doc": '{"a": [1, "x"]}', "flag": True}
 
@@ -59,3 +65,64 @@ def test_a_lost_connection_is_invalidated_and_the_pool_recovers() -> None:
         assert conn.invalidated
     with eng.connect() as conn:  # a fresh connection from the pool
         assert db.rows(conn, PROBE, PARAMS)[0].n == 42
+
+
+def _user_and_key() -> tuple[str, str]:
+    user_id = support.create_user_id()
+    with db.autocommit_engine().connect() as conn:
+        key_id = conn.execute(
+            text("SELECT id FROM api_keys WHERE user_id = :u"), {"u": user_id}
+        ).scalar_one()
+    return user_id, key_id
+
+
+def _as_dict(row: Any) -> dict[str, Any]:
+    return dict(row._mapping) if hasattr(row, "_mapping") else row._asdict()
+
+
+def test_the_api_statements_read_the_same_both_ways() -> None:
+    """The submit's INSERT and the reads of GET /v1/jobs/<id> and GET /result, on the
+    driver's cursor, give the values and types SQLAlchemy's execution gives."""
+    user_id, key_id = _user_and_key()
+    model, _ = support.own_queue()
+    req = {"kind": "echo", "model": model, "input": {"value": [1, "é"]}, "priority": "high"}
+    with db.autocommit_engine().connect() as conn:
+        made = jobs.insert_checked(conn, jobs.new_row(user_id, req), key_id, 100)
+        hooked = jobs.new_row(
+            user_id, {**req, "webhook": "https://example.com/h", "metadata": {"k": "v"}}
+        )
+        with_hook = jobs.insert_checked(conn, hooked, key_id, 100)
+        assert made is not None and with_hook is not None
+        for job in (made, with_hook):
+            for reads in (jobs._VIEW, jobs._RESULT):
+                for stmt, params in (
+                    (reads.by_id, {"job_id": job.id}),
+                    (reads.of_user, {"job_id": job.id, "user_id": user_id}),
+                    (reads.for_key, {"job_id": job.id, "key_id": key_id}),
+                ):
+                    ours = _as_dict(db.first(conn, stmt, params))
+                    theirs = _as_dict(conn.execute(stmt, params).one())
+                    assert ours == theirs
+                    assert {k: type(v) for k, v in ours.items()} == {
+                        k: type(v) for k, v in theirs.items()
+                    }
+        # What the INSERT returned is what a read shows, and JSON went in as SQLAlchemy's
+        # JSONB binds it: a missing metadata is JSON null, as an ORM insert stores it.
+        assert _as_dict(made) == _as_dict(conn.execute(jobs._VIEW.by_id, {"job_id": made.id}).one())
+        assert made.input == {"value": [1, "é"]} and with_hook.metadata_ == {"k": "v"}
+        kinds = conn.execute(JSON_KINDS, {"i": made.id}).one()
+        orm_row = jobs.new_row(user_id, req)
+        with db.transaction() as s:
+            jobs.insert_one(s, orm_row)
+        orm_kinds = conn.execute(JSON_KINDS, {"i": orm_row["id"]}).one()
+        assert tuple(kinds) == tuple(orm_kinds)
+
+
+def test_a_refused_insert_returns_none() -> None:
+    user_id, key_id = _user_and_key()
+    model, _ = support.own_queue()
+    row = jobs.new_row(user_id, {"kind": "echo", "model": model, "input": {"value": 1}})
+    with db.autocommit_engine().connect() as conn:
+        assert jobs.insert_checked(conn, row, key_id, 0) is None  # the queued-jobs cap
+        assert jobs.insert_checked(conn, row, "no-such-key", 100) is None
+        assert jobs.view_row(conn, row["id"]) is None
