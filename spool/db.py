@@ -188,6 +188,10 @@ def rows(conn: Connection, stmt: Executable, params: dict[str, Any]) -> list[Row
     fairy = conn.connection
     raw = fairy.dbapi_connection
     assert raw is not None  # checked out: a live connection
+    if not raw.autocommit and not conn.in_transaction():
+        # SQLAlchemy's autobegin, as its own execute would: the caller's commit (or the
+        # pool's rollback) then ends what this statement did
+        conn.begin()
     cursor = None
     try:
         cursor = raw.cursor()

@@ -126,3 +126,21 @@ def test_a_refused_insert_returns_none() -> None:
         assert jobs.insert_checked(conn, row, key_id, 0) is None  # the queued-jobs cap
         assert jobs.insert_checked(conn, row, "no-such-key", 100) is None
         assert jobs.view_row(conn, row["id"]) is None
+
+
+def test_outside_autocommit_a_statement_joins_sqlalchemys_transaction() -> None:
+    """On a connection that is not in autocommit, a write is the caller's to commit, as
+    with SQLAlchemy's own execute: rolled back when the connection closes without it."""
+    model, _ = support.own_queue()
+    user_id, key_id = _user_and_key()
+    kept = jobs.new_row(user_id, {"kind": "echo", "model": model, "input": {"value": 1}})
+    dropped = jobs.new_row(user_id, {"kind": "echo", "model": model, "input": {"value": 2}})
+    with db.engine().connect() as conn:
+        assert jobs.insert_checked(conn, kept, key_id, 100) is not None
+        assert conn.in_transaction()
+        conn.commit()
+    with db.engine().connect() as conn:
+        assert jobs.insert_checked(conn, dropped, key_id, 100) is not None
+    with db.autocommit_engine().connect() as conn:
+        assert jobs.view_row(conn, kept["id"]) is not None
+        assert jobs.view_row(conn, dropped["id"]) is None
