@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, g, request
+from flask import Flask, Request, g, request
 
 from spool import registry
 from spool import settings as settings_mod
@@ -103,19 +103,27 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
 
     @app.before_request
     def _request_id_and_content_type():
-        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        if "\x00" in request.path or any("\x00" in v for v in request.args.values()):
+        # Every request runs this: the request object is fetched once, and the query
+        # string is decoded only when it could hold a NUL (a decoded value holds one only
+        # where the raw string has `%00` or the byte itself).
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]  # Flask types the proxy as a Request
+        env = req.environ
+        g.request_id = env.get("HTTP_X_REQUEST_ID") or uuid.uuid4().hex
+        qs = req.query_string
+        if "\x00" in req.path or (
+            (b"%00" in qs or b"\x00" in qs) and any("\x00" in v for v in req.args.values())
+        ):
             # No id, filter or cursor can hold NUL; the database driver would refuse it.
             return errors.respond(400, "NUL characters are not allowed in the URL")
-        if request.method in ("POST", "PUT", "PATCH") and _has_body():
+        if req.method in ("POST", "PUT", "PATCH") and _has_body(req):
             allowed = set(JSON_TYPES)
-            if request.path.startswith(NDJSON_PATHS):
+            if req.path.startswith(NDJSON_PATHS):
                 allowed.add("application/x-ndjson")
-            if request.mimetype not in allowed:
+            if req.mimetype not in allowed:
                 return errors.respond(
                     415,
                     f"Content-Type must be {' or '.join(sorted(allowed))}",
-                    details={"Content-Type": [request.mimetype or "missing"]},
+                    details={"Content-Type": [req.mimetype or "missing"]},
                 )
         return None
 
@@ -138,8 +146,8 @@ def _bound_to(func: Any, owner: object) -> bool:
     return getattr(func, "__self__", None) is owner
 
 
-def _has_body() -> bool:
-    return bool(request.content_length) or request.headers.get("Transfer-Encoding") == "chunked"
+def _has_body(req: Request) -> bool:
+    return bool(req.content_length) or req.environ.get("HTTP_TRANSFER_ENCODING") == "chunked"
 
 
 def _register_optional(api) -> None:

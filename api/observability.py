@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import structlog
-from flask import Flask, g, request
+from flask import Flask, Request, g, request
 from sqlalchemy import func, select, text
 
 from spool import db, logs, metrics, redisconn, registry, workers_online
@@ -61,19 +61,29 @@ def install(app: Flask) -> None:
 
     @app.after_request
     def _observe(resp):
-        elapsed = time.perf_counter() - g.get("t0", time.perf_counter())
-        endpoint = request.url_rule.rule if request.url_rule else "<unmatched>"
-        if request.args.get("wait") or request.headers.get("Prefer", "").startswith("wait"):
+        # Runs on every request: the request and `g` are fetched once, and headers and
+        # the query string are read from the WSGI environ (no parsing for a request
+        # without `wait=`).
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]  # Flask types the proxy as a Request
+        state = g._get_current_object()
+        elapsed = time.perf_counter() - state.get("t0", time.perf_counter())
+        rule = req.url_rule
+        endpoint = rule.rule if rule is not None else "<unmatched>"
+        env = req.environ
+        if (b"wait" in req.query_string and req.args.get("wait")) or env.get(
+            "HTTP_PREFER", ""
+        ).startswith("wait"):
             endpoint += " wait"
-        metrics.observe_request(endpoint, request.method, resp.status_code, elapsed)
-        if request.path != "/metrics":
+        method, path, status = req.method, req.path, resp.status_code
+        metrics.observe_request(endpoint, method, status, elapsed)
+        if path != "/metrics":
             line = {
-                "method": request.method,
-                "path": request.path,
-                "status": resp.status_code,
+                "method": method,
+                "path": path,
+                "status": status,
                 "ms": round(elapsed * 1000, 2),
-                "request_id": g.get("request_id"),
-                "user_id": g.get("user_id"),
+                "request_id": state.get("request_id"),
+                "user_id": state.get("user_id"),
             }
             # Written once the response is sent (the server closes it then), not before:
             # the client need not wait for the formatted line (~0.1 ms). The next request
