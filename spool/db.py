@@ -129,12 +129,18 @@ def _use_prepared(
     name = context.execution_options.get(PREPARE_OPTION) if context is not None else None
     if name is None or executemany or not isinstance(parameters, dict):
         return statement, parameters
+    return _prepared_once(cursor, conn.connection.info, name, statement), parameters
+
+
+def _prepared_once(cursor: Any, info: dict[str, Any], name: str, statement: str) -> str:
+    """The EXECUTE of `statement`, PREPAREd first if this connection (its pool record's
+    `info`) has not prepared it yet."""
     ident, prepare, execute = _as_prepared(name, statement)
-    done: set[str] = conn.connection.info.setdefault("spool_prepared", set())
+    done: set[str] = info.setdefault("spool_prepared", set())
     if ident not in done:
         cursor.execute(prepare)
         done.add(ident)
-    return execute, parameters
+    return execute
 
 
 # --- the hottest statements, straight on the driver's cursor ------------------------------
@@ -196,11 +202,7 @@ def rows(conn: Connection, stmt: Executable, params: dict[str, Any]) -> list[Row
     try:
         cursor = raw.cursor()
         if name is not None and settings.get().db_prepare:
-            ident, prepare, sql = _as_prepared(name, sql)
-            done: set[str] = fairy.info.setdefault("spool_prepared", set())
-            if ident not in done:
-                cursor.execute(prepare)
-                done.add(ident)
+            sql = _prepared_once(cursor, fairy.info, name, sql)
         cursor.execute(sql, params)
         if cursor.description is None:
             return []
