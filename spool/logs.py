@@ -10,7 +10,6 @@ fields, rendered by the same renderer, for less than half the CPU (BENCHMARKS.md
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from typing import Any
@@ -31,9 +30,12 @@ class _HandlerSink:
         self.handler = handler
 
     def msg(self, message: str) -> None:
-        with self.handler.lock or contextlib.nullcontext():
+        self.handler.acquire()
+        try:
             self.handler.stream.write(message + "\n")
             self.handler.flush()
+        finally:
+            self.handler.release()
 
     info = warning = error = msg
 
