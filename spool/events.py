@@ -66,24 +66,26 @@ def _append(pipe: Any, job_id: str, type_: str, data: dict[str, Any]) -> None:
         pipe.expire(key, STREAM_TTL_S)
 
 
-# A job's end in one command: its last events and `done` appended to its stream, the
-# stream's expiry, and the end stream a long poll waits on (`_mark_ended`). The same
-# writes as a pipeline of them, for about half the client's CPU: a worker publishes one
-# per job (BENCHMARKS.md, 2026-12-04 night).
-# KEYS: the event stream, the end stream.
-# ARGV: the stream's MAXLEN, the TTL (s), the status, its result ('' for none), then a
+# A job's end in one command: `_append` for each of its last events and `done`, then
+# `_mark_ended`: the same writes as a pipeline of them, for about half the client's CPU
+# (a worker publishes one per job; BENCHMARKS.md, 2026-12-04 night).
+# KEYS: the end stream, then the stream of each event in turn.
+# ARGV: the streams' MAXLEN, the TTL (s), the status, its result ('' for none), then a
 # (type, data) pair per event.
 _END_LUA = b"""
 for i = 5, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+  local stream = KEYS[(i - 1) / 2]
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+  if ARGV[i] == 'status' then
+    redis.call('EXPIRE', stream, ARGV[2])
+  end
+end
+if ARGV[4] == '' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1, '*', 'status', ARGV[3])
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1, '*', 'status', ARGV[3], 'result', ARGV[4])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-if ARGV[4] == '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1, '*', 'status', ARGV[3])
-else
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1, '*', 'status', ARGV[3], 'result', ARGV[4])
-end
-redis.call('EXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 # Loaded on first use (and again after a Redis restart) by redis-py's Script.
@@ -106,20 +108,13 @@ def publish_status(
     if status not in TERMINAL:
         publish_many([*before, now])
         return
-    evs = [*before, now, (job_id, "done", {"status": status})]
+    keys = [end_key(job_id)]
+    args: list[Any] = [STREAM_MAXLEN, STREAM_TTL_S, status, result or ""]
+    for ev_job, type_, data in [*before, now, (job_id, "done", {"status": status})]:
+        keys.append(stream_key(ev_job))
+        args += (type_, json.dumps(data))
     try:
-        r = redisconn.client()
-        if any(ev[0] != job_id for ev in evs):  # another job's events too: a pipeline
-            with r.pipeline(transaction=False) as pipe:
-                for ev in evs:
-                    _append(pipe, *ev)
-                _mark_ended(pipe, job_id, status, result)
-                pipe.execute()
-            return
-        args: list[Any] = [STREAM_MAXLEN, STREAM_TTL_S, status, result or ""]
-        for _, type_, data in evs:
-            args += (type_, json.dumps(data))
-        _END(keys=[stream_key(job_id), end_key(job_id)], args=args, client=r)
+        _END(keys=keys, args=args, client=redisconn.client())
     except redis.RedisError as exc:
         log.warning("event %s for %s not published: %s", status, job_id, exc)
 

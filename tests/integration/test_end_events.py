@@ -63,3 +63,17 @@ def test_after_a_script_flush_the_script_is_loaded_again(redis_client: redis.Red
     job = f"job_{uuid.uuid4().hex}"
     events.publish_status(job, "canceled")
     assert [e.type for e in events.history(job)] == ["status", "done"]
+
+
+def test_another_jobs_events_are_written_as_the_pipeline_wrote_them(
+    redis_client: redis.Redis,
+) -> None:
+    job, other = f"job_{uuid.uuid4().hex}", f"job_{uuid.uuid4().hex}"
+    twin, twin_other = f"job_{uuid.uuid4().hex}", f"job_{uuid.uuid4().hex}"
+    token = {"text": "x"}
+    events.publish_status(job, "succeeded", before=[(other, "token", token)])
+    _by_pipeline(redis_client, twin, "succeeded", None, [(twin_other, "token", token)])
+    assert _written(redis_client, job) == _written(redis_client, twin)
+    # a token event sets no expiry on its stream, in either way
+    assert _written(redis_client, other) == _written(redis_client, twin_other)
+    assert _written(redis_client, other)["ttl"][0] == -1
