@@ -28,7 +28,7 @@ from limits import RateLimitItem, parse_many
 from werkzeug.exceptions import TooManyRequests
 
 from api.extensions import RATE_LIMIT_PREFIX, limiter, rate_limit_key
-from api.ratelimit_storage import WindowsRedisStorage
+from api.ratelimit_storage import Planned, WindowsRedisStorage
 from spool.settings import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def _count(
     amount: that window (None if none) and the headers' figures."""
     storage = limiter.storage
     if isinstance(storage, WindowsRedisStorage):
-        keys = [(w.key_for(*args), w.get_expiry(), w.amount) for w in windows]
-        counted = storage.incr_windows(keys)  # [(count, seconds left)], a prefix of them
+        # [(count, seconds left)], a prefix of the windows
+        counted = storage.incr_planned(_planned(storage, windows, tuple(args)))
         now = time.time()
         for w, (n, ttl) in zip(windows, counted, strict=False):
             if n > w.amount:
@@ -102,6 +102,16 @@ def _count(
     w = over or windows[0]
     reset, remaining = limiter.limiter.get_window_stats(w, *args)
     return over, Shown(w.amount, remaining, int(reset + 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned(
+    storage: WindowsRedisStorage, windows: tuple[RateLimitItem, ...], args: tuple[str, ...]
+) -> Planned:
+    """The windows of one subject and scope as the storage counts them, built on the
+    subject's first request and reused: their keys, expiries and the script's call are
+    the same on each (a cache miss only costs building them again)."""
+    return storage.plan([(w.key_for(*args), w.get_expiry(), w.amount) for w in windows])
 
 
 def _add_headers(resp: Response) -> Response:

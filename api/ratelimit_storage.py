@@ -12,9 +12,13 @@ the ones limits' own storage would give; only the round trips differ.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
+import redis
 from limits.storage import RedisStorage
+
+from spool import redisconn
 
 SCHEME = "spool+redis"
 
@@ -42,6 +46,16 @@ return out
 Window = tuple[str, int, int]
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A group of windows ready to count: the script's keys and arguments, and its call
+    packed once (a user's group is the same on each of their requests)."""
+
+    keys: list[str]
+    args: list[int]
+    packed: redisconn.Packed
+
+
 class WindowsRedisStorage(RedisStorage):
     STORAGE_SCHEME = [SCHEME, f"{SCHEME}s"]  # spool+redis://, spool+rediss://
 
@@ -52,14 +66,32 @@ class WindowsRedisStorage(RedisStorage):
         super().initialize_storage(uri)
         self.lua_incr_windows = self.get_connection().register_script(INCR_WINDOWS.encode())
 
-    def incr_windows(self, windows: list[Window], cost: int = 1) -> list[tuple[int, int]]:
-        """One round trip: (count, seconds left) of the windows incremented, shortest
-        first, up to and including the first one over its amount."""
+    @property
+    def _client(self) -> redis.Redis:
+        return cast(redis.Redis, self.get_connection())  # limits types it as a protocol
+
+    def plan(self, windows: list[Window], cost: int = 1) -> Planned:
         args: list[int] = [cost]
         for _, exp, limit in windows:
             args += [exp, limit]
-        out = self.lua_incr_windows([self.prefixed_key(k) for k, _, _ in windows], args)
+        keys = [self.prefixed_key(k) for k, _, _ in windows]
+        script = self.lua_incr_windows
+        pack = redisconn.packer(self._client)
+        return Planned(keys, args, pack("EVALSHA", script.sha, len(keys), *keys, *args))
+
+    def incr_planned(self, planned: Planned) -> list[tuple[int, int]]:
+        """One round trip: (count, seconds left) of the windows incremented, shortest
+        first, up to and including the first one over its amount."""
+        try:
+            out = redisconn.send_packed(self._client, planned.packed)
+        except redis.RedisError:
+            # NOSCRIPT (Redis restarted, its scripts flushed) or a dropped connection:
+            # the script's own call loads it again, reconnects and retries.
+            out = self.lua_incr_windows(planned.keys, planned.args)
         return [(int(n), max(int(ttl), 0)) for n, ttl in zip(out[::2], out[1::2], strict=False)]
+
+    def incr_windows(self, windows: list[Window], cost: int = 1) -> list[tuple[int, int]]:
+        return self.incr_planned(self.plan(windows, cost))
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         # limits' interface: one window.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -54,6 +55,43 @@ def broker_client() -> redis.Redis:
         health_check_interval=options["health_check_interval"],
         socket_connect_timeout=options["socket_connect_timeout"],
     )
+
+
+# A command as bytes, packed once by `packer` and sent as often as wanted by `send_packed`.
+Packed = list[bytes]
+
+
+@lru_cache(maxsize=8)
+def packer(client: redis.Redis) -> Callable[..., Packed]:
+    """Packs a command the way `client`'s connections do (their encoding); an unconnected
+    connection object, no socket."""
+    pool = client.connection_pool
+    return pool.connection_class(**pool.connection_kwargs).pack_command
+
+
+def send_packed(client: redis.Redis, packed: Packed) -> Any:
+    """The raw reply (no response callback) of a command packed by `packer`, on a
+    connection of `client`'s pool.
+
+    For a hot command the caller packs once and sends many times: what redis-py's
+    `execute_command` adds around each command (packing, its retry wrapper and its
+    observability hooks) cost ~30 µs of CPU of a ~90 µs call in a quiet loop
+    (BENCHMARKS.md). It gives no retry: the error is raised (the connection dropped,
+    unless the server answered it), and the caller makes the call again through the
+    client's own method, which reconnects, retries, and loads a flushed script
+    (NOSCRIPT) again."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(packed)
+        return conn.read_response()
+    except redis.ResponseError:
+        raise  # the server's answer, read in full: the connection is fine
+    except BaseException:
+        conn.disconnect()  # a reply may be left unread: never hand this socket out again
+        raise
+    finally:
+        pool.release(conn)
 
 
 def reset() -> None:

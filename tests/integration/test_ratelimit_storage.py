@@ -62,16 +62,50 @@ def limited_app(read_limit: str, monkeypatch: pytest.MonkeyPatch) -> Limited:
     user = jwt.decode(token, options={"verify_signature": False})["sub"]
 
     limiter.storage.incr("warm-up", 1)  # loads the script: later calls are EVALSHA alone
-    commands: list[str] = []
-    conn = limiter.storage.get_connection()  # type: ignore[attr-defined]
-    real = conn.execute_command
-
-    def counting(*args: Any, **kw: Any) -> Any:
-        commands.append(str(args[0]).upper())
-        return real(*args, **kw)
-
-    monkeypatch.setattr(conn, "execute_command", counting)
+    commands = count_commands(limiter.storage.get_connection(), monkeypatch)  # type: ignore[attr-defined]
     return Limited(app, client, {"Authorization": f"Bearer {token}"}, user, commands)
+
+
+def command_names(packed: Any) -> list[str]:
+    """The names of the commands in what a connection sends (RESP arrays of bulk strings,
+    one or several commands, in one or more chunks)."""
+    data = b"".join(packed) if isinstance(packed, list) else packed
+    data = data.encode() if isinstance(data, str) else data
+    names, i = [], 0
+    while i < len(data):
+        end = data.index(b"\r\n", i)
+        n, i = int(data[i + 1 : end]), end + 2  # *<n>
+        for k in range(n):
+            end = data.index(b"\r\n", i)
+            size, i = int(data[i + 1 : end]), end + 2  # $<size>
+            if k == 0:
+                names.append(data[i : i + size].decode().upper())
+            i += size + 2
+    return names
+
+
+def count_commands(client: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every command `client`'s pool sends from now on, whichever way it is sent
+    (the client's methods or a pre-packed call): at each connection's socket writes."""
+    commands: list[str] = []
+    pool = client.connection_pool
+    real_get = pool.get_connection
+
+    def get_connection(*args: Any, **kw: Any) -> Any:
+        conn = real_get(*args, **kw)
+        if getattr(conn.send_packed_command, "counts_into", None) is not commands:
+            real_send = conn.send_packed_command
+
+            def send(packed: Any, check_health: bool = True) -> None:
+                commands.extend(command_names(packed))
+                real_send(packed, check_health=check_health)
+
+            send.counts_into = commands  # type: ignore[attr-defined]
+            monkeypatch.setattr(conn, "send_packed_command", send)  # undone after the test
+        return conn
+
+    monkeypatch.setattr(pool, "get_connection", get_connection)
+    return commands
 
 
 @pytest.fixture()
@@ -246,3 +280,38 @@ def test_another_storage_counts_through_limits_strategy(database_url: str) -> No
         assert 0 <= int(rs[-1].headers["Retry-After"]) <= 1
     finally:
         create_app(settings.get())  # the limiter (one per process) back on Redis
+
+
+def test_a_flushed_script_is_loaded_again(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit's call is packed once per user and sent as is; after Redis lost its
+    scripts (a restart, SCRIPT FLUSH) the NOSCRIPT answer sends it through the script's
+    own call, which loads it again: the request is counted once, and limited."""
+    lim = limited_app("2/second;100/minute", monkeypatch)
+    second, minute = lim.keys("2/second;100/minute")
+    assert lim.read().status_code == 200
+    redis.script_flush()
+    statuses, remaining, _, _ = lim.reads(2)
+    assert statuses == [200, 429] and remaining == ["0", "0"]
+    assert redis.get(second) == "3" and redis.get(minute) == "2"
+    # the packed EVALSHA, NOSCRIPT, the script's own EVALSHA, NOSCRIPT, its SCRIPT LOAD
+    # and EVALSHA; then the packed EVALSHA alone again
+    assert lim.commands == ["EVALSHA"] * 3 + ["SCRIPT", "EVALSHA", "EVALSHA"]
+
+
+def test_a_dropped_connection_is_not_handed_out_again(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that failed on its connection is made again through the client's own call,
+    which reconnects: the request is counted once, and the pool keeps no dead socket."""
+    from api.extensions import limiter
+
+    lim = limited_app("5/second;100/minute", monkeypatch)
+    second, _ = lim.keys("5/second;100/minute")
+    assert lim.read().status_code == 200
+    pool = limiter.storage.get_connection().connection_pool  # type: ignore[attr-defined]
+    for conn in pool._available_connections:
+        conn._sock.close()  # as a Redis restart leaves them: the next send fails
+    r = lim.read()
+    assert r.status_code == 200 and r.headers["X-RateLimit-Remaining"] == "3"
+    assert redis.get(second) == "2"
+    assert all(c._sock is not None and c._sock.fileno() != -1 for c in pool._available_connections)
