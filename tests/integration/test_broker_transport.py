@@ -83,9 +83,18 @@ def test_a_consumer_reads_celery_messages_and_keeps_no_unacked_record(
     ]
 
 
-@pytest.mark.parametrize("priority", [0, 3, 6])
+@pytest.mark.parametrize(
+    ("priority", "job_id"),
+    [
+        (0, "job_same"),
+        (3, "job_same"),
+        (6, "job_same"),
+        # not put into the cached template: JSON and repr() would escape it
+        (3, 'job "quoted" \\ é\n'),
+    ],
+)
 def test_a_token_is_the_message_kombu_would_write(
-    app: Any, redis_client: Any, priority: int
+    app: Any, redis_client: Any, priority: int, job_id: str
 ) -> None:
     """dispatch.send pushes the queue's list itself: the same list and the same message
     as Celery's send_task through kombu's producer, but for the ids each one draws."""
@@ -93,7 +102,7 @@ def test_a_token_is_the_message_kombu_would_write(
 
     from spool import dispatch
 
-    m = dispatch.Message("job_same", QUEUE, priority)
+    m = dispatch.Message(job_id, QUEUE, priority)
     with app.producer_or_acquire() as producer:
         args = [m.job_id, m.queue]
         task = app.amqp.create_task_message(
@@ -125,3 +134,24 @@ def test_a_batch_of_tokens_goes_out_whole(app: Any, redis_client: Any) -> None:
     sent = dispatch.send([dispatch.Message(f"job_{i}", QUEUE, 3) for i in range(2500)])
     assert sent == 2500
     assert redis_client.llen(f"{QUEUE}:3") == 2500
+
+
+def test_each_token_has_its_own_job_and_ids(app: Any, redis_client: Any) -> None:
+    """Tokens made from one cached template: each carries its job (body, argsrepr) and
+    ids of its own, and a worker reads each as its own task."""
+    import base64
+    import json
+
+    from spool import dispatch
+
+    jobs = [f"job_{i}" for i in range(3)]
+    assert dispatch.send([dispatch.Message(j, QUEUE, 3) for j in jobs]) == 3
+    got = [json.loads(raw) for raw in reversed(redis_client.lrange(f"{QUEUE}:3", 0, -1))]
+    for job_id, message in zip(jobs, got, strict=True):
+        body = json.loads(base64.b64decode(message["body"]))
+        assert body[0] == [job_id, QUEUE]
+        assert message["headers"]["argsrepr"] == repr([job_id, QUEUE])
+        h, p = message["headers"], message["properties"]
+        assert h["id"] == h["root_id"] == p["correlation_id"]
+    ids = {m["headers"]["id"] for m in got} | {m["properties"]["delivery_tag"] for m in got}
+    assert len(ids) == 6
