@@ -175,9 +175,22 @@ def wait(job_id: str, after: str, block_s: float) -> list[Event]:
     """Block until an event newer than `after` arrives, or block_s passes."""
     r = redisconn.blocking_client()
     res: Any = r.xread({stream_key(job_id): after}, block=max(1, int(block_s * 1000)), count=500)
+    return _decode(_read_entries(res))
+
+
+def _read_entries(res: Any) -> list[tuple[str, dict[str, str]]]:
+    """The entries of a one-stream XREAD reply, each (id, fields): as redis-py parses it
+    or raw, over RESP2 (a list of [stream, entries]) or RESP3 (a map of stream to
+    entries); raw fields come as a flat list."""
     if not res:
         return []
-    return _decode(res[0][1])
+    entries = next(iter(res.values())) if isinstance(res, dict) else res[0][1]
+    if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], tuple):
+        entries = entries[0]  # redis-py's RESP3 parse nests them one level deeper
+    return [
+        (entry_id, dict(zip(f[::2], f[1::2], strict=True)) if isinstance(f, list) else f)
+        for entry_id, f in entries
+    ]
 
 
 @dataclass(frozen=True)
@@ -199,10 +212,17 @@ class Ended:
 def wait_end(job_id: str, block_s: float) -> Ended | None:
     """Block until the job has ended (at once if it already had), or block_s passes."""
     r = redisconn.blocking_client()
-    res: Any = r.xread({end_key(job_id): "0-0"}, block=max(1, int(block_s * 1000)), count=1)
-    if not res:
+    key, block_ms = end_key(job_id), max(1, int(block_s * 1000))
+    try:
+        # Every long poll sends this: packed here and sent as is (redisconn.send_packed).
+        command = ("XREAD", "BLOCK", block_ms, "COUNT", 1, "STREAMS", key, "0-0")
+        res: Any = redisconn.send_packed(r, redisconn.packer(r)(*command))
+    except redis.RedisError:
+        res = r.xread({key: "0-0"}, block=block_ms, count=1)  # reconnects and retries
+    entries = _read_entries(res)
+    if not entries:
         return None
-    fields = res[0][1][0][1]
+    fields = entries[0][1]
     if "result" not in fields:
         return Ended(fields.get("status", ""))
     stored = json.loads(fields["result"])

@@ -7,6 +7,7 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 import redis
 
 from spool import events
@@ -77,3 +78,70 @@ def test_another_jobs_events_are_written_as_the_pipeline_wrote_them(
     # a token event sets no expiry on its stream, in either way
     assert _written(redis_client, other) == _written(redis_client, twin_other)
     assert _written(redis_client, other)["ttl"][0] == -1
+
+
+def _ended_by_redis_py(r: redis.Redis, job_id: str) -> events.Ended | None:
+    """wait_end as redis-py's own XREAD (its parsed reply) reads the end."""
+    res: Any = r.xread({events.end_key(job_id): "0-0"}, block=1, count=1)
+    if not res:
+        return None
+    fields = res[0][1][0][1]
+    stored = json.loads(fields["result"]) if "result" in fields else None
+    if stored is None:
+        return events.Ended(fields["status"])
+    out, err = stored.pop("output"), stored.pop("error")
+    return events.Ended(fields["status"], True, out, err, stored)
+
+
+def test_a_long_polls_xread_reads_what_redis_pys_reads(redis_client: redis.Redis) -> None:
+    """wait_end sends its XREAD packed and reads the raw reply: the same end as redis-py's
+    parsed XREAD gives, for a worker's end (with its result) and a sweeper's (without)."""
+    result = {"output": {"text": "é"}, "error": None, "progress": None, "attempts": 1}
+    result |= {"started_at": "2026-12-04T00:00:00Z", "finished_at": "2026-12-04T00:00:01Z"}
+    for status, res in (("succeeded", json.dumps(result)), ("canceled", None)):
+        job_id = f"job_{uuid.uuid4().hex[:12]}"
+        assert events.wait_end(job_id, 0.01) is None  # nothing yet: the block times out
+        events.publish_status(job_id, status, result=res)
+        got = events.wait_end(job_id, 1.0)
+        assert got is not None and got == _ended_by_redis_py(redis_client, job_id)
+        assert got.committed == (res is not None)
+
+
+def test_a_long_poll_survives_dropped_connections(redis_client: redis.Redis) -> None:
+    """The packed XREAD on a connection Redis dropped goes again through redis-py's own,
+    which reconnects; the pool keeps no dead socket."""
+    from spool import redisconn
+
+    job_id = f"job_{uuid.uuid4().hex[:12]}"
+    events.publish_status(job_id, "failed")
+    assert events.wait_end(job_id, 1.0) == events.Ended("failed")
+    pool = redisconn.blocking_client().connection_pool
+    for conn in pool._available_connections:
+        conn._sock.close()  # as a Redis restart leaves them
+    assert events.wait_end(job_id, 1.0) == events.Ended("failed")
+    assert all(c._sock is not None and c._sock.fileno() != -1 for c in pool._available_connections)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_long_polls_and_streams_read_either_protocol(
+    redis_client: redis.Redis, monkeypatch: Any, protocol: int
+) -> None:
+    """A REDIS_URL may ask for RESP3 (`?protocol=3`), whose XREAD replies are maps: the
+    end of a long poll and the events of a stream read the same either way."""
+    from spool import redisconn
+
+    client = redisconn.make_client(f"{_url(redis_client)}?protocol={protocol}")
+    monkeypatch.setattr(redisconn, "blocking_client", lambda: client)
+    job_id = f"job_{uuid.uuid4().hex[:12]}"
+    events.publish_status(job_id, "succeeded", result=json.dumps({"output": 1, "error": None}))
+    assert events.wait_end(job_id, 1.0) == events.Ended("succeeded", True, 1, None, None)
+    got = events.wait(job_id, "0-0", 1.0)
+    assert [(e.type, e.data) for e in got] == [
+        ("status", {"status": "succeeded"}),
+        ("done", {"status": "succeeded"}),
+    ]
+
+
+def _url(r: redis.Redis) -> str:
+    kw = r.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
