@@ -113,8 +113,14 @@ def publish_status(
     for ev_job, type_, data in [*before, now, (job_id, "done", {"status": status})]:
         keys.append(stream_key(ev_job))
         args += (type_, json.dumps(data))
+    r = redisconn.client()
     try:
-        _END(keys=keys, args=args, client=redisconn.client())
+        try:
+            # Every job's end: packed here and sent as is (redisconn.send_packed)
+            command = ("EVALSHA", _END.sha, len(keys), *keys, *args)
+            redisconn.send_packed(r, redisconn.packer(r)(*command))
+        except redis.RedisError:
+            _END(keys=keys, args=args, client=r)  # loads a flushed script, reconnects
     except redis.RedisError as exc:
         log.warning("event %s for %s not published: %s", status, job_id, exc)
 
