@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-worker_class = "gevent"
+worker_class = "api.gunicorn_worker.Worker"  # gevent_pywsgi, with keep-alive rotation
 worker_connections = int(os.environ.get("SPOOL_API_WORKER_CONNECTIONS", "1000"))
 workers = int(os.environ.get("SPOOL_API_WORKERS", "2"))
 bind = f"{os.environ.get('SPOOL_HOST', '127.0.0.1')}:{os.environ.get('SPOOL_PORT', '8000')}"
@@ -19,27 +19,11 @@ accesslog = None  # the app logs one structured line per request
 preload_app = False  # each worker builds its own engine and Redis pools after fork
 
 
-# Like nginx's keepalive_requests: a keep-alive connection closes after this many
-# requests, and the client's next connection goes to whichever process accepts it
-# first, i.e. the least busy one. Without it, connections opened in a burst (a batch
-# client's pool, a proxy's upstream keep-alives) can all land on one process and stay
-# there: one process at 100 % of a core, the other idle. A reconnect costs ~0.3 ms.
-KEEPALIVE_REQUESTS = int(os.environ.get("SPOOL_API_KEEPALIVE_REQUESTS", "20"))
-
-
-def pre_request(worker, req) -> None:
-    if KEEPALIVE_REQUESTS and req.req_number % KEEPALIVE_REQUESTS == 0:
-        req.must_close = True  # answered with `Connection: close`
-
-
 def post_worker_init(worker) -> None:
     # Make psycopg2 cooperative with gevent, so a slow query parks only its greenlet.
     from psycogreen.gevent import patch_psycopg
 
-    from api import gunicorn_response
-
     patch_psycopg()
-    gunicorn_response.install()  # a response's head and body in one send()
 
 
 def child_exit(server, worker) -> None:
