@@ -307,12 +307,19 @@ def commands_processed(r: redis.Redis) -> int:
 
 # Calls counted in the profile: (a piece of the file name, the function name).
 COUNTED = {
-    "SQL statements sent (cursor.execute)": ("sqlalchemy/engine/default.py", "do_execute"),
+    # psycopg2's own: SQLAlchemy's execution and spool.db.rows both end there
+    "SQL statements sent (psycopg2 cursor.execute)": (
+        "~",
+        "<method 'execute' of 'psycopg2.extensions.cursor' objects>",
+    ),
     "pool checkouts (a SELECT 1 first only after 2 s idle)": (
         "sqlalchemy/pool/base.py",
         "_checkout",
     ),
-    "commit() calls": ("sqlalchemy/engine/default.py", "do_commit"),
+    "commit() calls (an autocommit statement commits on its own)": (
+        "sqlalchemy/engine/default.py",
+        "do_commit",
+    ),
     "rollback() calls (no round trip in autocommit)": (
         "sqlalchemy/engine/default.py",
         "do_rollback",
