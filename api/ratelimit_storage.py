@@ -82,12 +82,13 @@ class WindowsRedisStorage(RedisStorage):
     def incr_planned(self, planned: Planned) -> list[tuple[int, int]]:
         """One round trip: (count, seconds left) of the windows incremented, shortest
         first, up to and including the first one over its amount."""
-        try:
-            out = redisconn.send_packed(self._client, planned.packed)
-        except redis.RedisError:
-            # NOSCRIPT (Redis restarted, its scripts flushed) or a dropped connection:
-            # the script's own call loads it again, reconnects and retries.
-            out = self.lua_incr_windows(planned.keys, planned.args)
+        # After NOSCRIPT (Redis restarted, its scripts flushed) or a dropped connection,
+        # the script's own call loads it again, reconnects and retries.
+        out = redisconn.send_packed(
+            self._client,
+            planned.packed,
+            again=lambda: self.lua_incr_windows(planned.keys, planned.args),
+        )
         return [(int(n), max(int(ttl), 0)) for n, ttl in zip(out[::2], out[1::2], strict=False)]
 
     def incr_windows(self, windows: list[Window], cost: int = 1) -> list[tuple[int, int]]:

@@ -99,7 +99,8 @@ def envelope(app: Celery, m: Message) -> tuple[str, str]:
     ~33 µs for Celery's create_task_message and two JSON dumps in a quiet loop, several
     times both in a busy API process, BENCHMARKS.md)."""
     if not _PLAIN.fullmatch(m.job_id):
-        return _built(app, m, uuid(), uuid())  # a job id JSON or repr() would escape
+        list_, message, _ = _built(app, m, uuid(), uuid())  # an id JSON or repr() escapes
+        return list_, message
     t = _template(app, m.queue, m.priority, os.getpid())  # origin names the process
     body = base64.b64encode(t.body.replace(_JOB, m.job_id).encode()).decode()
     task_id = uuid()
@@ -127,18 +128,15 @@ class _Template:
 
 @lru_cache(maxsize=256)
 def _template(app: Celery, queue: str, priority: int, _pid: int) -> _Template:
-    list_, message = _built(app, Message(_JOB, queue, priority), _TASK_ID, _TAG, _BODY)
-    args = [_JOB, queue]
-    _, _, body = serialization.dumps(
-        app.amqp.create_task_message(_TASK_ID, RUN_JOB, args, {}).body, app.conf.task_serializer
-    )
-    return _Template(list_, body.decode() if isinstance(body, bytes) else body, message)
+    list_, message, body = _built(app, Message(_JOB, queue, priority), _TASK_ID, _TAG, _BODY)
+    return _Template(list_, body.decode(), message)
 
 
 def _built(
     app: Celery, m: Message, task_id: str, tag: str, body_as: str | None = None
-) -> tuple[str, str]:
-    """The token as Celery and kombu build it; `body_as`: this instead of its body."""
+) -> tuple[str, str, bytes]:
+    """The token as Celery and kombu build it (its list, its message, and its task body
+    before base64); `body_as`: this in the message instead of the body."""
     args = [m.job_id, m.queue]
     task = app.amqp.create_task_message(
         task_id, RUN_JOB, args, {}, argsrepr=repr(args), kwargsrepr="{}"
@@ -160,7 +158,7 @@ def _built(
         "headers": task.headers,
         "properties": properties,
     }
-    return _list_for(app, m.queue, m.priority), kombu_json.dumps(message)
+    return _list_for(app, m.queue, m.priority), kombu_json.dumps(message), body
 
 
 def _list_for(app: Celery, queue: str, priority: int) -> str:

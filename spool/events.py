@@ -115,12 +115,10 @@ def publish_status(
         args += (type_, json.dumps(data))
     r = redisconn.client()
     try:
-        try:
-            # Every job's end: packed here and sent as is (redisconn.send_packed)
-            command = ("EVALSHA", _END.sha, len(keys), *keys, *args)
-            redisconn.send_packed(r, redisconn.packer(r)(*command))
-        except redis.RedisError:
-            _END(keys=keys, args=args, client=r)  # loads a flushed script, reconnects
+        # Every job's end: packed here and sent as is; the script's own call loads a
+        # flushed script again and reconnects.
+        packed = redisconn.packer(r)("EVALSHA", _END.sha, len(keys), *keys, *args)
+        redisconn.send_packed(r, packed, lambda: _END(keys=keys, args=args, client=r))
     except redis.RedisError as exc:
         log.warning("event %s for %s not published: %s", status, job_id, exc)
 
@@ -219,12 +217,10 @@ def wait_end(job_id: str, block_s: float) -> Ended | None:
     """Block until the job has ended (at once if it already had), or block_s passes."""
     r = redisconn.blocking_client()
     key, block_ms = end_key(job_id), max(1, int(block_s * 1000))
-    try:
-        # Every long poll sends this: packed here and sent as is (redisconn.send_packed).
-        command = ("XREAD", "BLOCK", block_ms, "COUNT", 1, "STREAMS", key, "0-0")
-        res: Any = redisconn.send_packed(r, redisconn.packer(r)(*command))
-    except redis.RedisError:
-        res = r.xread({key: "0-0"}, block=block_ms, count=1)  # reconnects and retries
+    # Every long poll sends this: packed here and sent as is; redis-py's own XREAD
+    # reconnects and retries.
+    packed = redisconn.packer(r)("XREAD", "BLOCK", block_ms, "COUNT", 1, "STREAMS", key, "0-0")
+    res = redisconn.send_packed(r, packed, lambda: r.xread({key: "0-0"}, block=block_ms, count=1))
     entries = _read_entries(res)
     if not entries:
         return None

@@ -69,33 +69,40 @@ def packer(client: redis.Redis) -> Callable[..., Packed]:
     return pool.connection_class(**pool.connection_kwargs).pack_command
 
 
-def send_packed(client: redis.Redis, packed: Packed) -> Any:
+def send_packed(client: redis.Redis, packed: Packed, again: Callable[[], Any]) -> Any:
     """The raw reply (no response callback) of a command packed by `packer`, on a
-    connection of `client`'s pool.
+    connection of `client`'s pool; on any Redis error, what `again()` returns.
 
     For a hot command the caller packs once and sends many times: what redis-py's
     `execute_command` adds around each command (packing, its retry wrapper and its
     observability hooks) cost ~30 µs of CPU of a ~90 µs call in a quiet loop
-    (BENCHMARKS.md). It gives no retry: the error is raised (the connection dropped,
-    unless the server answered it), and the caller makes the call again through the
+    (BENCHMARKS.md). It gives no retry of its own: after an error (the connection
+    dropped, unless the server answered it) `again` makes the same call through the
     client's own method, which reconnects, retries, and loads a flushed script
-    (NOSCRIPT) again."""
+    (NOSCRIPT) again. What that raises is raised."""
     pool = client.connection_pool
-    conn = pool.get_connection()
+    try:
+        conn = pool.get_connection()
+    except redis.RedisError:
+        return again()  # no connection to be had: the client's own call retries, or raises
     try:
         conn.send_packed_command(packed)
         return conn.read_response()
     except redis.ResponseError:
-        raise  # the server's answer, read in full: the connection is fine
-    except BaseException:
+        pass  # the server's answer, read in full: the connection is fine
+    except redis.RedisError:
         conn.disconnect()  # a reply may be left unread: never hand this socket out again
+    except BaseException:
+        conn.disconnect()
         raise
     finally:
         pool.release(conn)
+    return again()
 
 
 def reset() -> None:
     """Drop clients inherited across fork."""
+    packer.cache_clear()  # it holds the clients it packed for
     client.cache_clear()
     _blocking.cache_clear()
     broker_client.cache_clear()
